@@ -1,0 +1,100 @@
+"""Metrics: TensorBoard + a JSONL file during the run, a PNG of chosen curves at the end."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from common.atomic import atomic_write_bytes, atomic_write_text
+
+JSONL_NAME = "metrics.jsonl"
+
+
+class MetricsLogger:
+    """Log `{name: number}` per step to `<out_dir>/metrics.jsonl` and TensorBoard (`<out_dir>/tb`).
+
+    resume_step: when resuming, rows logged after this step by the interrupted run are dropped, so the file holds
+    one consistent curve. enabled=False (non-main ranks) makes every call a no-op.
+    """
+
+    def __init__(self, out_dir: str | Path, enabled: bool = True, resume_step: int | None = None,
+                 tensorboard: bool = True):
+        self.enabled = enabled
+        self.path = Path(out_dir) / JSONL_NAME
+        self._tb = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and self.path.is_file():
+            rows = [r for r in read_jsonl(self.path) if r.get("step", 0) <= resume_step]
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in rows))
+        elif resume_step is None and self.path.is_file():
+            self.path.unlink()  # a fresh run starts a fresh curve
+        self._file = open(self.path, "a", encoding="utf-8")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # lazy: pulls in tensorboard
+
+            self._tb = SummaryWriter(str(Path(out_dir) / "tb"))
+
+    def log(self, step: int, values: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        row = {"step": int(step)}
+        for k, v in values.items():
+            row[k] = float(v.item()) if hasattr(v, "item") else (float(v) if isinstance(v, (int, float)) else v)
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, float):
+                    self._tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{i}: invalid JSON line: {e}") from None
+    return rows
+
+
+def plot_metrics(jsonl: str | Path, png: str | Path, keys: list[str], title: str | None = None) -> Path:
+    """One subplot per key (x = step); keys missing from the file are an error. Written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_jsonl(jsonl)
+    fig, axes = plt.subplots(len(keys), 1, figsize=(7, 2.6 * len(keys)), squeeze=False)
+    for ax, key in zip(axes[:, 0], keys):
+        pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+        if not pts:
+            plt.close(fig)
+            raise ValueError(f"{jsonl}: no finite values for metric {key!r}")
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 50 else None)
+        ax.set_xlabel("step")
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+    if title:
+        axes[0, 0].set_title(title)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(png, buf.getvalue())
+    return Path(png)

@@ -1,0 +1,39 @@
+"""Optimizer and learning-rate schedule shared by the trainers (SFT, reward model)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """LR multiplier: linear warmup 0 -> 1 over `warmup_steps`, then cosine decay 1 -> min_lr_ratio at `total_steps`.
+
+    `step` counts optimizer steps already taken (the multiplier for the step about to be taken is at step + 1 in
+    warmup so the first step does not use lr 0).
+    """
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if total_steps <= warmup_steps:
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def constant_with_warmup(step: int, warmup_steps: int) -> float:
+    """LR multiplier: linear warmup then constant (the reward-model stages use a constant LR, Qwen sec. 3.2.1)."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    return 1.0
+
+
+def build_adamw(model: torch.nn.Module, lr: float, betas: tuple[float, float], eps: float,
+                weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over trainable parameters; no weight decay on biases and norm weights (1-D tensors), as usual."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps)
