@@ -1,0 +1,192 @@
+"""Read and write Hugging Face `Qwen2ForCausalLM` checkpoint folders (config.json + safetensors, sharded or not).
+
+Weights are read with safetensors only: no pickle, no remote code. A config this model cannot reproduce, or a
+checkpoint with missing or unexpected weights, fails at load with the offending fields or keys named.
+Saved folders load in transformers (`AutoModelForCausalLM`) and vLLM; writes go to a temporary folder that is
+renamed into place, so an interrupted save never leaves a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from model.qwen import QwenConfig, QwenForCausalLM
+
+# config.json keys that map onto QwenConfig fields one to one.
+_FIELDS = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+           "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
+           "attention_dropout", "hidden_dropout", "rope_train_len", "ntk_factor", "use_dynamic_ntk", "use_logn_attn",
+           "use_sliding_window", "sliding_window", "max_window_layers"]
+# Keys that transformers writes and that change nothing we compute.
+_IGNORED = {"architectures", "model_type", "transformers_version", "dtype", "torch_dtype", "initializer_range",
+            "use_cache", "bos_token_id", "eos_token_id", "pad_token_id", "layer_types", "output_attentions",
+            "output_hidden_states", "return_dict", "id2label", "label2id", "num_labels", "problem_type",
+            "rope_scaling", "rope_parameters", "rope_theta", "hidden_act", "attention_bias"}
+
+
+def config_from_hf(d: dict, source: str = "config.json") -> QwenConfig:
+    """Build a QwenConfig from a Hugging Face Qwen2 config dict; raise naming each field we cannot reproduce."""
+    problems = []
+    if d.get("model_type", "qwen2") != "qwen2":
+        problems.append(f"model_type={d['model_type']!r} (only 'qwen2' is supported)")
+    if d.get("hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act={d['hidden_act']!r} (SwiGLU needs 'silu')")
+    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        problems.append(f"rope_parameters.rope_type={rope_type!r} (use ntk_factor / use_dynamic_ntk instead)")
+    layer_types = d.get("layer_types")
+    if layer_types is not None:
+        expected = ["sliding_attention" if d.get("use_sliding_window") and d.get("sliding_window")
+                    and i >= d.get("max_window_layers", 0) else "full_attention"
+                    for i in range(d["num_hidden_layers"])]
+        if list(layer_types) != expected:
+            problems.append(f"layer_types={layer_types} (only windows on layers >= max_window_layers)")
+    if problems:
+        raise ValueError(f"{source}: this model cannot reproduce: " + "; ".join(problems))
+    kw = {k: d[k] for k in _FIELDS if k in d and d[k] is not None}
+    kw["rope_theta"] = float(rope.get("rope_theta", d.get("rope_theta", 10000.0)))
+    extra = {k: v for k, v in d.items() if k not in _FIELDS and k not in _IGNORED}
+    extra.update({k: d[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if d.get(k) is not None})
+    return QwenConfig(**kw, extra=extra)
+
+
+def config_to_hf(cfg: QwenConfig, dtype: torch.dtype = torch.float32,
+                 architecture: str = "Qwen2ForCausalLM") -> dict:
+    d = cfg.to_dict()
+    d["rope_parameters"] = {"rope_type": "default", "rope_theta": d.pop("rope_theta")}
+    if not cfg.use_sliding_window:
+        d["sliding_window"] = None
+    for k in ("rope_train_len", "ntk_factor", "use_dynamic_ntk", "use_logn_attn", "hidden_dropout"):
+        if d[k] == QwenConfig.__dataclass_fields__[k].default:
+            d.pop(k)  # keep config.json plain Qwen2 unless an extension is on
+    return {"architectures": [architecture], "model_type": "qwen2", "hidden_act": "silu",
+            "dtype": str(dtype).removeprefix("torch."), "initializer_range": 0.02, "use_cache": True, **d}
+
+
+def read_config(path: str | os.PathLike) -> QwenConfig:
+    f = Path(path) / "config.json"
+    if not f.exists():
+        raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face checkpoint folder)")
+    return config_from_hf(json.loads(f.read_text()), source=str(f))
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """All tensors of a folder: model.safetensors, or the shards listed in model.safetensors.index.json."""
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (path / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    else:
+        found = sorted(p.name for p in path.iterdir())
+        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json (found {found}); "
+                                "only safetensors weights are read")
+    sd = {}
+    for name in files:
+        sd.update(load_file(str(path / name)))
+    return sd
+
+
+def check_keys(expected: set[str], got: set[str], source: str, optional: set[str] = frozenset()):
+    missing, unexpected = sorted(expected - got - optional), sorted(got - expected)
+    if missing or unexpected:
+        raise ValueError(f"{source}: weights do not match the config: missing {missing[:10]}"
+                         f"{' ...' if len(missing) > 10 else ''} unexpected {unexpected[:10]}"
+                         f"{' ...' if len(unexpected) > 10 else ''}")
+
+
+def load_causal_lm(path, dtype: torch.dtype = torch.float32, **overrides) -> QwenForCausalLM:
+    """Load a Qwen2ForCausalLM folder into the custom model. `overrides` set QwenConfig fields (e.g. use_logn_attn)."""
+    cfg = read_config(path)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    cfg.__post_init__()
+    with torch.device("meta"):
+        model = QwenForCausalLM(cfg)
+    sd = read_state_dict(path)
+    optional = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
+    if cfg.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)  # tied: the embedding is the output layer
+    check_keys(set(model.state_dict()) - optional, set(sd), str(path), optional)
+    model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=False, assign=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval()
+
+
+def atomic_dir(final: Path):
+    """A temporary sibling folder; call `commit(tmp, final)` to swap it into place."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+
+
+def commit_dir(tmp: Path, final: Path):
+    """Replace `final` by `tmp`; the old folder is removed only after the new one is in place."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def write_weights(sd: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int = 2 * 1024**3):
+    """Write safetensors, sharded with an index file when larger than max_shard_bytes."""
+    sd = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+    shards, cur, size = [], {}, 0
+    for k, v in sd.items():
+        n = v.numel() * v.element_size()
+        if cur and size + n > max_shard_bytes:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[k], size = v, size + n
+    shards.append(cur)
+    if len(shards) == 1:
+        save_file(shards[0], str(folder / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(folder / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+    total = sum(v.numel() * v.element_size() for v in sd.values())
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+def save_causal_lm(model: QwenForCausalLM, path, tokenizer=None, max_shard_bytes: int = 2 * 1024**3):
+    """Save as a Hugging Face Qwen2ForCausalLM folder. With tied embeddings `lm_head.weight` is left out, as
+    transformers does (the rollout weight sync sends it explicitly; see rollout/)."""
+    final = Path(path)
+    tmp = atomic_dir(final)
+    try:
+        sd = model.state_dict()
+        if model.config.tie_word_embeddings:
+            sd.pop("lm_head.weight")
+        dtype = next(model.parameters()).dtype
+        write_weights(sd, tmp, max_shard_bytes)
+        (tmp / "config.json").write_text(json.dumps(config_to_hf(model.config, dtype), indent=2))
+        write_generation_config(model.config, tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        commit_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def write_generation_config(cfg: QwenConfig, folder: Path):
+    eos = cfg.extra.get("eos_token_id")
+    gen = {"do_sample": True, "top_p": 0.9} | ({"eos_token_id": eos} if eos is not None else {})
+    (folder / "generation_config.json").write_text(json.dumps(gen, indent=2))
