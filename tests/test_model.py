@@ -223,3 +223,17 @@ def test_scalar_head_from_lm_and_in_transformers(tmp_path):
         seq = Qwen2ForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
         # transformers pools at the last non-pad token; with no padding that is our last position.
         assert (seq(ids).logits[:, 0] - values[:, -1]).abs().max().item() <= TOL
+
+
+def test_convert_cli_both_ways(tmp_path, capsys):
+    from model.convert import main
+    hf_model().save_pretrained(tmp_path / "hf")
+    main([str(tmp_path / "hf"), str(tmp_path / "ext"), "--to", "custom", "--set", "use_logn_attn=true",
+          "--set", "rope_train_len=64"])
+    cfg = json.loads((tmp_path / "ext" / "config.json").read_text())
+    assert cfg["use_logn_attn"] is True and cfg["rope_train_len"] == 64 and cfg["model_type"] == "qwen2"
+    with pytest.raises(SystemExit, match="context extension is on"):
+        main([str(tmp_path / "ext"), str(tmp_path / "back"), "--to", "hf"])
+    main([str(tmp_path / "hf"), str(tmp_path / "plain"), "--to", "hf", "--check"])
+    assert "transformers reproduces it" in capsys.readouterr().out
+    assert "use_logn_attn" not in json.loads((tmp_path / "plain" / "config.json").read_text())

@@ -1,0 +1,73 @@
+"""Convert checkpoints both ways between plain Hugging Face Qwen2 folders and the custom model's folders.
+
+    python -m model.convert SRC DST --to custom --set use_logn_attn=true --set use_dynamic_ntk=true --set rope_train_len=8192
+    python -m model.convert SRC DST --to hf [--dtype bfloat16] [--check]
+
+`--to custom` loads any Qwen2ForCausalLM folder (validated: keys and config) and writes it with the given
+sec. 2.5 context-extension settings. `--to hf` writes a plain Qwen2 folder that transformers and vLLM reproduce
+exactly; it refuses a config with extensions on, since those models would compute something else.
+`--check` reloads DST with transformers and compares logits with the custom model on a random batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from model.checkpoint import load_causal_lm, save_causal_lm
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+EXTENSIONS = {"ntk_factor": float, "use_dynamic_ntk": lambda s: s.lower() in ("1", "true", "yes"),
+              "use_logn_attn": lambda s: s.lower() in ("1", "true", "yes"), "rope_train_len": int}
+
+
+def parse_sets(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in EXTENSIONS:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE with KEY one of {sorted(EXTENSIONS)}")
+        out[key] = EXTENSIONS[key](value)
+    return out
+
+
+def check_against_transformers(model, path, tol: float) -> float:
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (hf(ids).logits - model.float()(ids)).abs().max().item()
+    if diff > tol:
+        raise SystemExit(f"check failed: max |logits diff| = {diff:.3g} > {tol}")
+    return diff
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("src")
+    ap.add_argument("dst")
+    ap.add_argument("--to", choices=["hf", "custom"], required=True)
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast weights (default: keep float32)")
+    ap.add_argument("--set", action="append", default=[], help="context-extension field for --to custom")
+    ap.add_argument("--check", action="store_true", help="compare logits with transformers after --to hf")
+    args = ap.parse_args(argv)
+    sets = parse_sets(args.set)
+    if args.to == "hf" and sets:
+        raise SystemExit("--set applies to --to custom only")
+    model = load_causal_lm(args.src, **sets)
+    if args.to == "hf" and model.config.extends_context:
+        raise SystemExit(f"{args.src}: context extension is on (ntk_factor/use_dynamic_ntk/use_logn_attn); "
+                         "transformers and vLLM cannot reproduce it. Convert with those off.")
+    if args.dtype:
+        model = model.to(DTYPES[args.dtype])
+    save_causal_lm(model, args.dst)
+    print(f"wrote {args.dst} ({sum(p.numel() for p in model.parameters()):,} parameters)")
+    if args.check:
+        diff = check_against_transformers(load_causal_lm(args.dst), args.dst, tol=1e-4)
+        print(f"transformers reproduces it: max |logits diff| = {diff:.2e}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

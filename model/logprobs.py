@@ -1,0 +1,99 @@
+"""Per-token log-probabilities and entropies of given labels, computed in chunks of rows.
+
+With V = 151,936 the logits are the largest activation of SFT, DPO and PPO: (B, T, V) in fp32 is 2.4 GB for
+B*T = 4096. `token_logprobs` never holds them: the forward keeps only a log-sum-exp per row, and the backward
+recomputes one chunk of logits at a time (PITFALLS 9). Values and gradients equal `log_softmax(...).gather(...)`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from data.chatml import IGNORE_INDEX
+
+DEFAULT_CHUNK = 256  # rows per chunk: 256 x 151,936 fp32 logits = 156 MB
+
+
+def _chunk_logits(h, weight, temperature):
+    """fp32 logits (n, V) of one chunk; the matmul runs in the model dtype as the dense head would."""
+    logits = (h @ weight.t()).float()
+    return logits / temperature if temperature != 1.0 else logits
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, temperature, chunk_size, with_entropy):
+        # hidden (N, H), weight (V, H), labels (N,) -> logp (N,), entropy (N,) (zeros unless with_entropy)
+        N = hidden.shape[0]
+        logp = hidden.new_zeros(N, dtype=torch.float32)
+        entropy = hidden.new_zeros(N, dtype=torch.float32)
+        lse = hidden.new_zeros(N, dtype=torch.float32)
+        valid = labels != IGNORE_INDEX
+        safe = labels.clamp(min=0)
+        for s in range(0, N, chunk_size):
+            logits = _chunk_logits(hidden[s:s + chunk_size], weight, temperature)  # (n, V)
+            c_lse = torch.logsumexp(logits, dim=-1)
+            lse[s:s + chunk_size] = c_lse
+            logp[s:s + chunk_size] = logits.gather(1, safe[s:s + chunk_size, None]).squeeze(1) - c_lse
+            if with_entropy:
+                p = torch.softmax(logits, dim=-1)
+                entropy[s:s + chunk_size] = c_lse - (p * logits).sum(-1)
+        logp = torch.where(valid, logp, torch.zeros_like(logp))
+        ctx.save_for_backward(hidden, weight, safe, valid, lse)
+        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, _grad_entropy):
+        hidden, weight, safe, valid, lse = ctx.saved_tensors
+        t, cs = ctx.temperature, ctx.chunk_size
+        g = torch.where(valid, grad_logp, torch.zeros_like(grad_logp)) / t  # (N,)
+        grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
+            if ctx.needs_input_grad[1] else None
+        for s in range(0, hidden.shape[0], cs):
+            h = hidden[s:s + cs]
+            # d logp / d logits = onehot(label) - softmax(logits), scaled by the upstream grad per row.
+            p = torch.exp(_chunk_logits(h, weight, t) - lse[s:s + cs, None])  # (n, V)
+            gl = -p * g[s:s + cs, None]
+            gl.scatter_add_(1, safe[s:s + cs, None], g[s:s + cs, None])
+            gl = gl.to(hidden.dtype)
+            if grad_h is not None:
+                grad_h[s:s + cs] = gl @ weight
+            if grad_w is not None:
+                grad_w += (gl.t() @ h).float()
+        return grad_h, (grad_w.to(weight.dtype) if grad_w is not None else None), None, None, None, None
+
+
+def token_logprobs(hidden, weight, labels, temperature: float = 1.0, chunk_size: int = DEFAULT_CHUNK,
+                   return_entropy: bool = False):
+    """log p(labels) under softmax(hidden @ weight.T / temperature), chunked.
+
+    hidden (B, T, H) or (N, H); weight (V, H); labels of the same leading shape; positions whose label is
+    IGNORE_INDEX give 0. Returns logp in fp32 with the leading shape, and the entropy of each row's distribution
+    (no gradient) when return_entropy. Divide by the SAME temperature the sampler used (PITFALLS 7).
+    """
+    lead = labels.shape
+    logp, ent = _TokenLogprobs.apply(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
+                                     float(temperature), int(chunk_size), return_entropy)
+    return (logp.view(lead), ent.view(lead)) if return_entropy else logp.view(lead)
+
+
+def causal_lm_logprobs(model, input_ids, labels, attention_mask=None, position_ids=None, temperature: float = 1.0,
+                       chunk_size: int = DEFAULT_CHUNK, return_entropy: bool = False):
+    """Log-probs (B, T) of `labels` (already shifted by data.chatml.shift_labels) for the custom model or any
+    transformers causal LM (also peft-wrapped): hidden states from `get_decoder()`, weights of the output layer."""
+    decoder = model.get_decoder()
+    out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+    hidden = out if isinstance(out, torch.Tensor) else out.last_hidden_state  # (B, T, H)
+    weight = model.get_output_embeddings().weight  # (V, H)
+    return token_logprobs(hidden, weight, labels, temperature, chunk_size, return_entropy)
+
+
+def reference_logprobs(logits, labels, temperature: float = 1.0):
+    """The obvious slow version: materialises log_softmax (B, T, V) in fp32. For tests and peers only."""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    valid = labels != IGNORE_INDEX
+    out = logp.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+    return torch.where(valid, out, torch.zeros_like(out))
