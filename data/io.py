@@ -41,6 +41,7 @@ def _peek_first_byte(f: IO[bytes]) -> bytes:
 def read_rows(path: str, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> Iterator[tuple[str, Any, str | None]]:
     """Yield `(where, obj, error)` for every record of a JSONL file or a JSON document (array -> its items).
 
+    .jsonl is JSONL and .json a JSON document (either may be .gz); other names are sniffed ('[' -> document).
     `where` is "path:LINE" for JSONL and "path[i]" for items of a JSON array; `error` is None or says what is wrong
     with that record (then `obj` is None). Blank JSONL lines are skipped. A file that is empty or holds only
     whitespace is an error: that is what a failed export looks like, and it should not pass silently.
@@ -54,7 +55,8 @@ def read_rows(path: str, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> Iterat
     if not first:
         yield str(path), None, "file is empty (no records)"
         return
-    if first == b"[" or str(path).removesuffix(".gz").endswith(".json"):
+    name = str(path).removesuffix(".gz")
+    if name.endswith(".json") or (first == b"[" and not name.endswith(".jsonl")):  # extension first, then sniff
         yield from _read_json_document(path)
     else:
         yield from _read_jsonl(path, max_line_bytes)
@@ -118,7 +120,7 @@ def _parse_line(where: str, line: bytes, first: bool) -> Iterator[tuple[str, Any
     if not line.strip():
         return
     try:
-        text = line.decode("utf-8")
+        text = line.rstrip(b"\r\n").decode("utf-8")
     except UnicodeDecodeError as e:
         yield where, None, f"invalid UTF-8 at byte {e.start} of the line"
         return

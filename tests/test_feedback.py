@@ -1,0 +1,185 @@
+"""data.feedback CLI end to end, and the reading / atomic-writing helpers of data.io."""
+
+import glob
+import gzip
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from data.feedback import main
+from data.io import atomic_open, read_rows, write_jsonl
+
+FORMATS = "/work/shared/formats"
+HH = "/work/shared/data/hh-rlhf/harmless-base-test.jsonl.gz"
+
+
+def load(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def run(tmp_path, *args):
+    out = tmp_path / "out"
+    rc = main([*map(str, args), "--out", str(out)])
+    report = json.loads((out / "report.json").read_text()) if rc == 0 else None
+    return rc, out, report
+
+
+# ------------------------------------------------------------------------------------------------- reading
+def test_read_rows_empty_and_whitespace_files(tmp_path):
+    for name, content in [("empty.jsonl", b""), ("blank.jsonl", b"\n  \n")]:
+        (tmp_path / name).write_bytes(content)
+        assert list(read_rows(str(tmp_path / name))) == [(str(tmp_path / name), None, "file is empty (no records)")]
+
+
+def test_read_rows_invalid_utf8_bad_json_blank_lines_and_bom(tmp_path):
+    p = tmp_path / "x.jsonl"
+    p.write_bytes(b'\xef\xbb\xbf{"a": 1}\n\n{"b": "\xff\xfe"}\n{"c": \n[1]\n')
+    rows = list(read_rows(str(p)))
+    assert rows == [(f"{p}:1", {"a": 1}, None),
+                    (f"{p}:3", None, "invalid UTF-8 at byte 7 of the line"),
+                    (f"{p}:4", None, "invalid JSON at column 7: Expecting value"),
+                    (f"{p}:5", [1], None)]  # a wrong type is the parser's business
+
+
+def test_read_rows_json_array_lone_object_and_broken_document(tmp_path):
+    (tmp_path / "a.json").write_text('[{"x": 1},\n {"x": 2}]')
+    assert [w for w, _, _ in read_rows(str(tmp_path / "a.json"))] == [f"{tmp_path}/a.json[0]", f"{tmp_path}/a.json[1]"]
+    (tmp_path / "o.json").write_text('{\n "x": 1\n}')
+    assert list(read_rows(str(tmp_path / "o.json"))) == [(f"{tmp_path}/o.json", {"x": 1}, None)]
+    (tmp_path / "b.json").write_text('[{"x": 1},\n {"x": }]')
+    assert list(read_rows(str(tmp_path / "b.json"))) == [
+        (f"{tmp_path}/b.json:2", None, "invalid JSON at line 2 column 8: Expecting value")]
+
+
+def test_read_rows_missing_and_broken_gzip(tmp_path):
+    (where, obj, err), = read_rows(str(tmp_path / "nope.jsonl"))
+    assert obj is None and err.startswith("cannot read file: [Errno 2]")
+    (tmp_path / "bad.jsonl.gz").write_bytes(b"not gzip at all")
+    (_, _, err), = read_rows(str(tmp_path / "bad.jsonl.gz"))
+    assert err.startswith("cannot read file:") and "gzip" in err.lower()
+
+
+def test_huge_line_rejected_with_default_limit_and_next_line_still_read(tmp_path):
+    """A 50 MiB line against the default 16 MiB limit: 50 * 2**20 + 1 bytes counted with its newline."""
+    p = tmp_path / "huge.jsonl"
+    with open(p, "wb") as f:
+        f.write(b'{"messages": "' + b"x" * (50 * 2**20 - 16) + b'"}\n')
+        f.write(b'{"ok": 1}\n')
+    rows = list(read_rows(str(p)))
+    assert rows[0] == (f"{p}:1", None, "line is 52,428,801 bytes, over the limit of 16,777,216 "
+                                       "(raise --max-line-bytes if this is intended)")
+    assert rows[1] == (f"{p}:2", {"ok": 1}, None)
+
+
+def test_atomic_write_keeps_old_file_on_failure(tmp_path):
+    p = tmp_path / "out.jsonl"
+    write_jsonl(str(p), [{"a": "中文"}])
+    with pytest.raises(RuntimeError):
+        with atomic_open(str(p)) as f:
+            f.write("half")
+            raise RuntimeError("crash")
+    assert p.read_text(encoding="utf-8") == '{"a": "中文"}\n' and os.listdir(tmp_path) == ["out.jsonl"]
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+def test_cli_all_samples_pinned(tmp_path):
+    """10 sample files, 16 records. pairs: argilla 1 + labelstudio 1 + hh 1 + arena 1 + oasst 1 + openwebui 1 +
+    shp 1 + summarize 1 + trl 2 + ultrafeedback 1 = 11, minus the Label Studio pair that repeats Argilla's = 10.
+    unpaired: openwebui +1, trl +1 and -1 = 3; sft: the two positives. LibreChat's lone rated message (parent not
+    exported) is the one malformed record."""
+    rc, out, rep = run(tmp_path, *sorted(glob.glob(f"{FORMATS}/*.json*")))
+    assert rc == 0
+    assert rep["records_read"] == 16 and rep["kept"] == {"sft": 2, "pairs": 10, "unpaired": 3}
+    assert rep["dropped"] == {"malformed record": 1, "pairs: duplicate": 1} and rep["errors"] == 1
+    assert "librechat_message_feedback.jsonl:1 (messageId=a1): message 'a1' has parent 'u1'" in rep["error_examples"][0]
+    assert rep["inputs"][f"{FORMATS}/argilla_labelstudio.jsonl"]["formats"] == {"argilla": 1, "labelstudio": 1}
+    assert load(out / "sft.jsonl")[0] == {"messages": [{"role": "user", "content": "What is the capital of France?"},
+                                                       {"role": "assistant", "content": "Paris."}]}
+    assert len(load(out / "pairs.jsonl")) == 10 and len(load(out / "unpaired.jsonl")) == 3
+
+
+def test_cli_no_dedupe_keeps_the_repeat(tmp_path):
+    rc, _, rep = run(tmp_path, f"{FORMATS}/argilla_labelstudio.jsonl", "--no-dedupe")
+    assert rc == 0 and rep["kept"]["pairs"] == 2 and rep["dropped"] == {}
+
+
+def test_cli_on_error_stop_names_line_and_leaves_out_dir_untouched(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"chosen": "\\n\\nHuman: hi\\n\\nAssistant: yo", "rejected": "\\n\\nHuman: hi\\n\\nAssistant: no"}\n'
+                   '{"chosen": "\\n\\nHuman: hi", "rejected": "\\n\\nHuman: hi\\n\\nAssistant: no"}\n')
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "pairs.jsonl").write_text("OLD\n")
+    assert main([str(bad), "--out", str(out), "--on-error", "stop"]) == 1
+    assert capsys.readouterr().err == f"error: {bad}:2: chosen has no final '\\n\\nAssistant:' turn\n"
+    assert os.listdir(out) == ["pairs.jsonl"] and (out / "pairs.jsonl").read_text() == "OLD\n"
+    rc, _, rep = run(tmp_path, bad)  # skip: counted, the good line kept
+    assert rc == 0 and rep["kept"]["pairs"] == 1 and rep["dropped"] == {"malformed record": 1}
+
+
+def test_cli_empty_file_invalid_utf8_and_wrong_types_are_counted(tmp_path):
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    (tmp_path / "mixed.jsonl").write_bytes(b'[1, 2]\n{"messages": [{"role": "user", "content": 5}], "rating": 1}\n'
+                                           b'{"prompt": "\xff", "completion": "c", "rating": 1}\n')
+    rc, _, rep = run(tmp_path, tmp_path / "empty.jsonl", tmp_path / "mixed.jsonl")
+    assert rc == 0 and rep["records_read"] == 4 and rep["errors"] == 4
+    assert [e.split(": ", 1)[1] for e in rep["error_examples"]] == [
+        "file is empty (no records)", "invalid UTF-8 at byte 12 of the line",
+        "messages[0].content must be a string, got int",
+        "cannot tell the format of this record (keys list); pass --format"]
+
+
+def test_cli_format_forced_and_gz_input(tmp_path):
+    gz = tmp_path / "hh.jsonl.gz"
+    with open(f"{FORMATS}/hh_rlhf.jsonl", "rb") as src, gzip.open(gz, "wb") as dst:
+        dst.write(src.read())
+    rc, out, rep = run(tmp_path, gz, "--format", "hh")
+    assert rc == 0 and rep["kept"]["pairs"] == 1
+    assert load(out / "pairs.jsonl")[0]["rejected"] == [{"role": "assistant", "content": "I don't know."}]
+    rc, _, rep = run(tmp_path, gz, "--format", "shp")
+    assert rep["kept"]["pairs"] == 0 and rep["errors"] == 1
+
+
+def test_cli_decontaminate_and_scrub_pii(tmp_path):
+    """The eval line shares the 13 words 'put the egg in boiling water for about 9 minutes then cool it' with the
+    HH sample's chosen reply (punctuation is not a token), so the pair is dropped."""
+    ev = tmp_path / "eval.txt"
+    ev.write_text("Q: put the egg in boiling water for about 9 minutes, then cool it!\nshort line\n")
+    rc, _, rep = run(tmp_path, f"{FORMATS}/hh_rlhf.jsonl", "--decontaminate", ev)
+    assert rep["kept"]["pairs"] == 0 and rep["dropped"] == {"pairs: contaminated (13-gram overlap with eval data)": 1}
+    assert rep["decontamination"]["eval_texts_too_short"] == 1
+    rc, _, rep = run(tmp_path, f"{FORMATS}/hh_rlhf.jsonl", "--decontaminate", ev, "--ngram", "14")
+    assert rep["kept"]["pairs"] == 1
+    pii = tmp_path / "pii.jsonl"
+    pii.write_text(json.dumps({"messages": [{"role": "user", "content": "Mail me: amy@example.com"},
+                                            {"role": "assistant", "content": "Call 0912-345-678."}],
+                               "rating": "up"}) + "\n")
+    rc, out, rep = run(tmp_path, pii, "--scrub-pii")
+    assert load(out / "sft.jsonl")[0]["messages"][1]["content"] == "Call <PHONE>."
+    assert load(out / "unpaired.jsonl")[0]["prompt"][0]["content"] == "Mail me: <EMAIL>"
+
+
+def test_hh_harmless_base_test_real_data(tmp_path):
+    """2,312 real HH comparisons: 5 whose two dialogues differ before the last reply; of the 2,307 pairs the
+    chosen reply is empty in 4, ends mid-sentence (',', ':', ...) in 19, has unbalanced quotes/brackets in 14;
+    2307 - 37 = 2270 kept; no exact or near duplicates."""
+    rc, out, rep = run(tmp_path, HH)
+    assert rc == 0 and rep["records_read"] == 2312 and rep["errors"] == 0
+    assert rep["kept"] == {"sft": 0, "pairs": 2270, "unpaired": 0}
+    assert rep["dropped"] == {"chosen and rejected dialogues differ before the final reply": 5,
+                              "pairs: empty reply": 4, "pairs: truncated sentence": 19,
+                              "pairs: unbalanced brackets or quotes": 14}
+    first = load(out / "pairs.jsonl")[0]
+    assert first["prompt"][0] == {"role": "user", "content": "what are some pranks with a pen i can do?"}
+    assert len(first["prompt"]) == 5 and first["chosen"][0]["content"].startswith("No, sorry!  All of these")
+
+
+def test_module_entry_point(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "data.feedback", f"{FORMATS}/shp.jsonl", "--out", str(tmp_path)],
+                         capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines()[:2] == ["read 1 records from 1 file(s)", "kept: sft 0, pairs 1, unpaired 0"]
