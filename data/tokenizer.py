@@ -31,7 +31,7 @@ SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END, REWARD_TOKEN]  # ids 151643..1516
 QWEN2_NUM_RANKS = 151_643
 # Bump when the build changes, so stale caches are not reused.
 _QWEN2_CACHE_NAME = "qwen2-tokenizer-v1"
-_SMALL_CACHE_NAME = "small-tokenizer-v1"
+_SMALL_CACHE_NAME = "small-tokenizer-v2"
 
 
 def default_cache_root() -> Path:
@@ -162,6 +162,8 @@ _SMALL_CORPUS = [
     "請解釋為什麼這個答案是正確的。謝謝你的耐心。",
     "Shall we meet at 10:30 on Monday? Yes, that works; see you at the station.",
     "Lists: apples, oranges, bananas, grapes, and strawberries are all fruits.",
+    "system\nYou are a helpful assistant.\nuser\nHello!\nassistant\nHi! How can I help you?\n",
+    "system\nuser\nassistant\nsystem\nuser\nassistant\nsystem\nuser\nassistant\n",
 ]
 SMALL_VOCAB_SIZE = 1000  # including the 4 special tokens, which take the last ids (996..999), as in Qwen2
 

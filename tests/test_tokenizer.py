@@ -105,8 +105,8 @@ def test_small_tokenizer_is_deterministic_and_cached_atomically(tmp_path, small_
     b = small_tokenizer(cache_dir=tmp_path / "b")
     assert tokenizer_fingerprint(a) == tokenizer_fingerprint(b) == tokenizer_fingerprint(small_tok)
     # Only the finished folder remains (no temp dirs), and a second call reuses it without rebuilding.
-    assert sorted(os.listdir(tmp_path / "a")) == ["small-tokenizer-v1"]
-    saved = tmp_path / "a" / "small-tokenizer-v1" / "tokenizer.json"
+    assert sorted(os.listdir(tmp_path / "a")) == ["small-tokenizer-v2"]
+    saved = tmp_path / "a" / "small-tokenizer-v2" / "tokenizer.json"
     mtime = saved.stat().st_mtime_ns
     small_tokenizer(cache_dir=tmp_path / "a")
     assert saved.stat().st_mtime_ns == mtime
@@ -115,7 +115,7 @@ def test_small_tokenizer_is_deterministic_and_cached_atomically(tmp_path, small_
 def test_cache_root_from_env(tmp_path, monkeypatch):
     monkeypatch.setenv("QWEN_ALIGN_CACHE", str(tmp_path))
     small_tokenizer()
-    assert (tmp_path / "small-tokenizer-v1" / "tokenizer.json").exists()
+    assert (tmp_path / "small-tokenizer-v2" / "tokenizer.json").exists()
 
 
 def test_fingerprint_detects_mismatch(qwen_tok, small_tok, tmp_path):
