@@ -1,0 +1,342 @@
+"""Supervised finetuning (Qwen report sec. 3.1): next-token loss on the learned tokens of ChatML conversations.
+
+    accelerate launch align/sft.py --config configs/sft.yaml [--field value ...]
+    python align/sft.py --config configs/sft.yaml
+
+The loop, in numbered phases:
+  1. config, accelerator, seed          2. tokenizer and data (masks + packing from data/)
+  3. model (custom or transformers; optional LoRA), optimizer, warmup+cosine schedule
+  4. resume from the latest checkpoint  5. train: micro batches -> token-mean NLL over the GLOBAL mini batch
+  6. NaN guard, clip, optimizer step, log, checkpoint   7. final HF model + loss curve PNG
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from common.config import ConfigError, cfg, parse_config, save_config
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class SFTConfig:
+    # --- model ---
+    model_path: Optional[str] = cfg(None, "HF causal-LM folder to start from (Qwen2ForCausalLM, or any causal LM with model_impl=hf)")
+    init_config: Optional[str] = cfg(None, "instead of model_path: a Qwen2 config.json to build a randomly initialised custom model (demos, no hub)")
+    model_impl: str = cfg("custom", "'custom' = model.qwen (Qwen2 folders), 'hf' = transformers AutoModelForCausalLM")
+    tokenizer: str = cfg("qwen2", "'qwen2' (real Qwen2 BPE), 'small' (tiny test BPE) or a tokenizer folder")
+    dropout: float = cfg(0.0, "attention + residual dropout while training (the report used 0.1; hf models: attention only)")
+    gradient_checkpointing: bool = cfg(False, "recompute activations in the backward to save memory")
+    # --- LoRA (peft) ---
+    lora_r: int = cfg(0, "LoRA rank; 0 = full finetuning")
+    lora_alpha: float = cfg(16.0, "LoRA scaling alpha")
+    lora_dropout: float = cfg(0.0, "dropout on the LoRA input")
+    lora_target_modules: list[str] = cfg(LORA_TARGETS, "module names that get LoRA adapters")
+    # --- data ---
+    train_files: list[str] = cfg([], "SFT data files ({'messages': [...]} JSONL/JSON/parquet/arrow)")
+    mask: str = cfg("all_assistant", "loss-mask strategy: all_assistant, last_assistant, qwen_finetune")
+    seq_len: int = cfg(2048, "tokens per row: longest example and packed row length (sec. 3.1.2)")
+    packing: bool = cfg(True, "pack several conversations per row; attention stays within each conversation")
+    truncation: str = cfg("drop", "examples longer than seq_len: 'drop' or 'truncate' (data.datasets)")
+    # --- batch (mini batch = micro x grad_accum x ranks) ---
+    micro_batch_size_per_rank: int = cfg(1, "rows per forward/backward on each rank")
+    grad_accum_steps: int = cfg(128, "micro batches per optimizer step on each rank (128 rows with 1 rank: sec. 3.1.2)")
+    # --- optimisation (Qwen report sec. 3.1.2) ---
+    lr: float = cfg(2e-6, "peak learning rate")
+    min_lr_ratio: float = cfg(0.1, "final LR of the cosine decay, as a fraction of lr")
+    warmup_steps: int = cfg(1430, "linear warmup steps (the report warms up over 1430 of 4000 steps)")
+    max_steps: Optional[int] = cfg(4000, "optimizer steps; None = num_epochs passes over the data")
+    num_epochs: int = cfg(1, "passes over the data when max_steps is None")
+    betas: tuple[float, float] = cfg((0.9, 0.95), "AdamW betas")
+    eps: float = cfg(1e-8, "AdamW epsilon")
+    weight_decay: float = cfg(0.1, "AdamW weight decay (not on biases and norms)")
+    grad_clip: float = cfg(1.0, "max global gradient norm; 0 = no clipping")
+    precision: str = cfg("auto", "'auto' (bf16 on a GPU that has it, else fp32), 'bf16' or 'fp32'")
+    chunk_size: int = cfg(256, "rows of logits per chunk in the log-prob kernel (memory vs speed)")
+    # --- run ---
+    output_dir: str = cfg("runs/sft", "checkpoints, metrics.jsonl, tb/, loss.png and the final model go here")
+    save_every: int = cfg(0, "checkpoint every this many steps; 0 = only at the end")
+    keep_last: int = cfg(1, "complete checkpoints kept")
+    resume: bool = cfg(True, "continue from the latest checkpoint in output_dir if there is one")
+    stop_at_step: Optional[int] = cfg(None, "checkpoint and stop after this step (time-limited jobs); the LR schedule still spans max_steps")
+    log_every: int = cfg(1, "log metrics every this many steps")
+    seed: int = cfg(0, "seed for data order, model init and dropout")
+
+    def validate(self):
+        if (self.model_path is None) == (self.init_config is None):
+            raise ConfigError("set exactly one of model_path (a pretrained folder) or init_config (random init)")
+        if self.model_impl not in ("custom", "hf"):
+            raise ConfigError(f"model_impl must be 'custom' or 'hf', got {self.model_impl!r}")
+        if self.init_config is not None and self.model_impl != "custom":
+            raise ConfigError("init_config builds the custom model; set model_impl: custom")
+        if not self.train_files:
+            raise ConfigError("train_files is empty: give at least one SFT data file")
+        if self.mask not in ("all_assistant", "last_assistant", "qwen_finetune"):
+            raise ConfigError(f"mask {self.mask!r} learns nothing or is unknown; use all_assistant, "
+                              f"last_assistant or qwen_finetune")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ConfigError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+        for name in ("seq_len", "micro_batch_size_per_rank", "grad_accum_steps", "num_epochs", "keep_last",
+                     "log_every", "chunk_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"max_steps must be >= 1 or None, got {self.max_steps}")
+        if self.max_steps is not None and self.warmup_steps >= self.max_steps:
+            raise ConfigError(f"warmup_steps ({self.warmup_steps}) must be < max_steps ({self.max_steps})")
+        if self.lora_r < 0 or self.lr <= 0 or self.grad_clip < 0 or not 0 <= self.dropout < 1:
+            raise ConfigError("need lora_r >= 0, lr > 0, grad_clip >= 0 and 0 <= dropout < 1")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pieces used by the loop (kept small so the loop reads top to bottom).
+
+def load_tokenizer(name: str):
+    from data.tokenizer import qwen2_tokenizer, small_tokenizer
+
+    if name == "qwen2":
+        return qwen2_tokenizer()
+    if name == "small":
+        return small_tokenizer()
+    from transformers import AutoTokenizer
+
+    if not Path(name).is_dir():
+        raise ConfigError(f"tokenizer {name!r}: not 'qwen2', 'small' or an existing folder")
+    return AutoTokenizer.from_pretrained(name)
+
+
+def build_base_model(c: SFTConfig, path: str | None):
+    """fp32 weights (mixed precision is autocast): the custom model from `path` or init_config, or transformers'."""
+    if c.model_impl == "hf":
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attention_dropout=c.dropout)
+    from model.checkpoint import config_from_hf, load_causal_lm
+    from model.qwen import QwenForCausalLM
+
+    drop = {"attention_dropout": c.dropout, "hidden_dropout": c.dropout}
+    if path is not None:
+        return load_causal_lm(path, **drop)
+    import json
+
+    qcfg = config_from_hf(json.loads(Path(c.init_config).read_text()), source=c.init_config)
+    qcfg = dataclasses.replace(qcfg, **drop)
+    return QwenForCausalLM(qcfg).init_weights(seed=c.seed)
+
+
+def build_model(c: SFTConfig, resume_dir: Path | None):
+    """Full finetuning resumes from the checkpoint's HF folder; LoRA rebuilds the base and loads the adapter."""
+    if c.lora_r == 0:
+        model = build_base_model(c, str(resume_dir / "model") if resume_dir else c.model_path)
+    else:
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        base = build_base_model(c, c.model_path)
+        if resume_dir:
+            model = PeftModel.from_pretrained(base, str(resume_dir / "model"), is_trainable=True)
+        else:
+            lcfg = LoraConfig(r=c.lora_r, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout,
+                              target_modules=list(c.lora_target_modules), bias="none")
+            model = get_peft_model(base, lcfg)
+    if c.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model.train()
+
+
+def save_model(model, path: Path, tokenizer, merge: bool = False) -> None:
+    """HF folder: custom model via model.checkpoint, transformers via save_pretrained, LoRA as an adapter
+    (or merged into the base weights for the final export when merge=True)."""
+    from model.checkpoint import save_causal_lm
+    from model.qwen import QwenForCausalLM
+
+    if hasattr(model, "peft_config"):
+        if not merge:
+            model.save_pretrained(str(path))
+            tokenizer.save_pretrained(str(path))
+            return
+        model = model.merge_and_unload()
+    if isinstance(model, QwenForCausalLM):
+        save_causal_lm(model, path, tokenizer)
+    else:
+        model.save_pretrained(str(path), safe_serialization=True)
+        tokenizer.save_pretrained(str(path))
+
+
+def build_rows(c: SFTConfig, tokenizer) -> tuple[list[dict], str]:
+    """Tokenise with loss masks, then pack (shuffled once with the seed so packed rows mix sources)."""
+    import random
+
+    from data.datasets import build_sft_examples, load_records, pack_examples
+
+    examples, reports = [], []
+    for path in c.train_files:
+        records, kind = load_records(path, kind="sft")
+        ex, report = build_sft_examples(records, tokenizer, c.seq_len, mask=c.mask, truncation=c.truncation)
+        examples += ex
+        reports.append(f"{path}: {report.summary()}")
+    if c.packing:
+        random.Random(c.seed).shuffle(examples)
+        examples = pack_examples(examples, c.seq_len)
+    return examples, "\n".join(reports)
+
+
+class LogprobWrapper(torch.nn.Module):
+    """Puts `causal_lm_logprobs` inside `forward`, so DDP / DeepSpeed wrap a module whose forward is the whole
+    computation (calling `get_decoder()` on a DDP-wrapped model would bypass DDP's gradient synchronisation)."""
+
+    def __init__(self, lm: torch.nn.Module, chunk_size: int):
+        super().__init__()
+        self.lm, self.chunk_size = lm, chunk_size
+
+    def forward(self, input_ids, labels, attention_mask, position_ids):
+        from model.logprobs import causal_lm_logprobs
+
+        return causal_lm_logprobs(self.lm, input_ids, labels, attention_mask=attention_mask,
+                                  position_ids=position_ids, chunk_size=self.chunk_size)  # (B, T), 0 on ignored
+
+
+def micro_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
+    """Sum of -log p over the learned tokens of one micro batch, and how many there are. `model`: LogprobWrapper."""
+    from data.chatml import IGNORE_INDEX
+
+    logp = model(batch["input_ids"], batch["labels"], batch["attention_mask"], batch["position_ids"])  # (B, T)
+    return -logp.sum(), int((batch["labels"] != IGNORE_INDEX).sum())
+
+
+def learned_tokens(row: dict) -> int:
+    from data.chatml import IGNORE_INDEX
+
+    return sum(1 for t in row["labels"] if t != IGNORE_INDEX)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def train(c: SFTConfig) -> list[float]:
+    """Run SFT as configured; returns the mini-batch losses of the steps run by this call."""
+    import random
+
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from common.checkpoint import latest_checkpoint
+    from common.guard import check_finite
+    from common.loop import (make_accelerator, mini_batch_rows, rank_micro_batches, restore_run_state,
+                             save_run_checkpoint, steps_per_epoch)
+    from common.metrics import MetricsLogger, plot_metrics
+    from common.optim import build_adamw, warmup_cosine
+    from data.datasets import collate
+
+    # 1. accelerator, seed, resume point
+    acc = make_accelerator(c.precision, c.grad_accum_steps)
+    out, W, rank = Path(c.output_dir), acc.num_processes, acc.process_index
+    ckpt_root = out / "checkpoints"
+    resume_dir = latest_checkpoint(ckpt_root) if c.resume else None
+    random.seed(c.seed), np.random.seed(c.seed), torch.manual_seed(c.seed)
+
+    # 2. tokenizer and rows (every rank builds the same rows; the batch plan picks each rank's share)
+    tokenizer = load_tokenizer(c.tokenizer)
+    rows, report = build_rows(c, tokenizer)
+    mini = c.micro_batch_size_per_rank * c.grad_accum_steps * W
+    spe = steps_per_epoch(len(rows), mini, source=", ".join(c.train_files))
+    total = c.max_steps or c.num_epochs * spe
+    if c.warmup_steps >= total:
+        raise ConfigError(f"warmup_steps ({c.warmup_steps}) must be < the {total} optimizer steps of this run")
+    n_learned = [learned_tokens(r) for r in rows]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    # 3. model, optimizer, schedule (warmup then cosine, sec. 3.1.2)
+    model = build_model(c, resume_dir)
+    vocab = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > vocab:
+        raise ConfigError(f"tokenizer has {len(tokenizer)} tokens but the model's vocab is {vocab}")
+    optimizer = build_adamw(model, c.lr, c.betas, c.eps, c.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: warmup_cosine(s, c.warmup_steps, total, c.min_lr_ratio))
+    model, optimizer = acc.prepare(LogprobWrapper(model, c.chunk_size), optimizer)  # scheduler stays ours
+
+    # 4. resume: optimizer, scheduler, RNG; the data position is the step (the batch plan is a function of it)
+    start = 0
+    if resume_dir is not None:
+        state = restore_run_state(acc, resume_dir, optimizer, scheduler)
+        if state["n_rows"] != len(rows):
+            raise ValueError(f"{resume_dir}: saved with {state['n_rows']} rows, the data now gives {len(rows)}; "
+                             f"resume with the same data and seq_len or use a new output_dir")
+        start = state["step"]
+    if acc.is_main_process:
+        save_config(c, out / "config.yaml")
+        print(f"[sft] {report}\n[sft] {len(rows)} rows, mini batch {mini}, steps {start}->{total}, ranks {W}, "
+              f"precision {acc.mixed_precision}, resume from {resume_dir}", flush=True)
+    log = MetricsLogger(out, enabled=acc.is_main_process, resume_step=start if resume_dir else None)
+    stop = min(total, c.stop_at_step or total)
+    losses, last_ckpt = [], resume_dir
+
+    def checkpoint(step):
+        def write_model(d):
+            save_model(acc.unwrap_model(model).lm, d, tokenizer)
+        return save_run_checkpoint(acc, ckpt_root, step, write_model, optimizer, scheduler,
+                                   {"step": step, "n_rows": len(rows)}, c.keep_last)
+
+    # 5. train
+    bar = tqdm(total=total, initial=start, desc="sft", disable=not acc.is_main_process, dynamic_ncols=True)
+    for step in range(start, stop):
+        t0 = time.perf_counter()
+        idx = mini_batch_rows(step, len(rows), mini, c.seed)
+        n_tok = sum(n_learned[i] for i in idx)  # learned tokens in the GLOBAL mini batch
+        nll_sum, seen = torch.zeros((), dtype=torch.float64), 0
+        for micro in rank_micro_batches(idx, c.micro_batch_size_per_rank, c.grad_accum_steps, W, rank):
+            batch = {k: v.to(acc.device) for k, v in collate([rows[i] for i in micro], pad_id).items()}
+            with acc.accumulate(model):
+                with acc.autocast():
+                    nll, _ = micro_loss_sum(model, batch)
+                # token mean over the global mini batch: x W undoes DDP's mean over ranks, x accum undoes
+                # accelerate's division by the accumulation steps.
+                acc.backward(nll / max(n_tok, 1) * W * c.grad_accum_steps)
+            nll_sum += nll.detach().double().cpu()
+            seen += int(batch["attention_mask"].sum())
+        stats = acc.reduce(torch.stack([nll_sum, torch.tensor(float(seen), dtype=torch.float64)]).to(acc.device),
+                           "sum").cpu()
+        loss = float(stats[0]) / max(n_tok, 1)
+
+        # 6. NaN guard, clip, step, log, checkpoint
+        check_finite(step + 1, {"loss": loss}, last_ckpt)
+        grad_norm = acc.clip_grad_norm_(model.parameters(), c.grad_clip if c.grad_clip > 0 else math.inf)
+        check_finite(step + 1, {"grad_norm": grad_norm}, last_ckpt)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step(), scheduler.step(), optimizer.zero_grad(set_to_none=True)
+        losses.append(loss)
+        dt = time.perf_counter() - t0
+        if (step + 1) % c.log_every == 0 or step + 1 == stop:
+            log.log(step + 1, {"loss": loss, "lr": lr, "grad_norm": float(grad_norm), "learned_tokens": n_tok,
+                               "tokens_per_s": float(stats[1]) / dt})
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+        if (c.save_every and (step + 1) % c.save_every == 0) or step + 1 == stop:
+            last_ckpt = checkpoint(step + 1) or last_ckpt
+    bar.close()
+
+    # 7. final HF model (LoRA merged) and the loss curve
+    if stop == total and acc.is_main_process:
+        save_model(acc.unwrap_model(model).lm, out / "final", tokenizer, merge=True)
+        plot_metrics(out / "metrics.jsonl", out / "loss.png", ["loss", "lr"], title="SFT")
+        print(f"[sft] done: final model in {out / 'final'}, loss curve in {out / 'loss.png'}", flush=True)
+    log.close()
+    acc.wait_for_everyone()
+    return losses
+
+
+def main(argv: list[str] | None = None) -> None:
+    train(parse_config(SFTConfig, argv))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,90 @@
+"""Training-loop helpers shared by align/sft.py and reward/train.py: the batch plan, precision, checkpoint glue.
+
+Batch words (docs/DESIGN.md): micro batch = rows in one forward/backward on one rank; mini batch = rows in one
+optimizer step = micro x grad-accum x ranks. The plan below is a pure function of (step, seed), so every rank knows
+the whole mini batch (used for the global token count) and a resumed run reads exactly the rows it would have read.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from common.checkpoint import load_checkpoint_state, rng_state, save_checkpoint, set_rng_state
+
+
+def steps_per_epoch(n_rows: int, mini_batch: int, source: str = "data") -> int:
+    """Full mini batches per pass over `n_rows` (the remainder is dropped); zero steps is an error."""
+    if n_rows < mini_batch:
+        raise ValueError(f"{source}: {n_rows} rows is fewer than one mini batch of {mini_batch} "
+                         f"(micro batch x grad-accum x ranks); add data or lower the batch size")
+    return n_rows // mini_batch
+
+
+def mini_batch_rows(step: int, n_rows: int, mini_batch: int, seed: int) -> list[int]:
+    """Row indices (mini_batch,) of optimizer step `step` (0-based): a fresh permutation per epoch, seed + epoch."""
+    spe = steps_per_epoch(n_rows, mini_batch)
+    epoch, k = divmod(step, spe)
+    perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    return perm[k * mini_batch:(k + 1) * mini_batch]
+
+
+def rank_micro_batches(rows: list[int], micro: int, accum: int, world: int, rank: int) -> list[list[int]]:
+    """Split one mini batch into this rank's `accum` micro batches: micro batch i of rank r is slice (i*world + r).
+
+    With world=2, micro=1, accum=2 and rows [a, b, c, d]: rank 0 gets [[a], [c]], rank 1 gets [[b], [d]].
+    """
+    if len(rows) != micro * accum * world:
+        raise ValueError(f"mini batch has {len(rows)} rows, expected micro {micro} x accum {accum} x ranks {world}")
+    return [rows[(i * world + rank) * micro:(i * world + rank + 1) * micro] for i in range(accum)]
+
+
+def resolve_precision(precision: str) -> str:
+    """'auto' -> 'bf16' on a GPU that supports it, else 'no' (fp32); 'bf16' / 'fp32' as asked."""
+    if precision == "auto":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return {"bf16": "bf16", "fp32": "no"}[precision]
+
+
+def make_accelerator(precision: str, grad_accum: int):
+    """An Accelerator; without CUDA it is told cpu=True, which is what makes accelerate treat a
+    `accelerate launch --multi_gpu --num_processes 2` start as two gloo ranks (MULTI_CPU) instead of two
+    independent single-process runs."""
+    from accelerate import Accelerator  # lazy: importing accelerate is slow
+
+    return Accelerator(mixed_precision=resolve_precision(precision), gradient_accumulation_steps=grad_accum,
+                       cpu=not torch.cuda.is_available())
+
+
+def save_run_checkpoint(accelerator, root: str | Path, step: int, save_model: Callable[[Path], None], optimizer,
+                        scheduler, train_state: dict[str, Any], keep_last: int) -> Path | None:
+    """Gather every rank's RNG state, then the main process writes the checkpoint atomically; all ranks wait."""
+    from accelerate.utils import DistributedType, gather_object
+
+    rngs = gather_object([rng_state()]) if accelerator.num_processes > 1 else [rng_state()]
+    opt = optimizer
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        opt = None  # ZeRO shards the optimizer state; resuming a DeepSpeed run restarts the optimizer state
+    path = None
+    if accelerator.is_main_process:
+        path = save_checkpoint(root, step, save_model, opt, scheduler, train_state, rngs, keep_last)
+    accelerator.wait_for_everyone()
+    return path
+
+
+def restore_run_state(accelerator, ckpt_dir: str | Path, optimizer, scheduler) -> dict[str, Any]:
+    """Load optimizer, scheduler and this rank's RNG state from a checkpoint; return its train_state."""
+    state = load_checkpoint_state(ckpt_dir)
+    if state["optimizer"] is None:
+        raise ValueError(f"{ckpt_dir}: checkpoint has no optimizer state (written under DeepSpeed ZeRO); "
+                         f"exact resume is not possible, start a new run from {Path(ckpt_dir) / 'model'}")
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    rngs = state["rng_states"]
+    if len(rngs) != accelerator.num_processes:
+        raise ValueError(f"{ckpt_dir}: saved by {len(rngs)} ranks, resuming with {accelerator.num_processes}; "
+                         f"resume with the same number of processes")
+    set_rng_state(rngs[accelerator.process_index])
+    return state["train_state"]
