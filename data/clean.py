@@ -91,9 +91,9 @@ def json_problem(prompt_text: str, reply: str) -> str | None:
 
 
 # --------------------------------------------------------------------------------------------------- PII scrub
-EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
+EMAIL = re.compile(r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
 PHONE = re.compile(
-    r"(?<![\w+])(?:"
+    r"(?<![A-Za-z0-9+])(?:"  # ASCII-only guard: a number right after a Chinese character still counts
     r"(?:\+?886[-\s]?|0)9\d{2}[-\s]?\d{3}[-\s]?\d{3}"          # Taiwan mobile 0912-345-678, +886 912 345 678
     r"|(?:\+?86[-\s]?)?1[3-9]\d[-\s]?\d{4}[-\s]?\d{4}"          # mainland China mobile 138 1234 5678
     r"|\(0\d{1,2}\)\s?\d{3,4}-?\d{4}|0\d{1,2}-\d{3,4}-\d{4}"    # Taiwan landline (02) 2345-6789, 02-2345-6789
@@ -188,20 +188,24 @@ def minhash(text: str, num_perm: int = 128, k: int = 5, seed: int = 0) -> np.nda
     return (a[:, None] * h[None, :] + b[:, None]).min(axis=1)  # (num_perm,)
 
 
-def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
-    """(bands, rows) minimising false-positive + false-negative probability mass around `threshold`.
+def lsh_params(threshold: float, num_perm: int, recall: float = 0.99) -> tuple[int, int]:
+    """(bands, rows) for LSH banding: the fewest false candidates among settings that make a record pair with
+    Jaccard == threshold a candidate with probability >= recall.
 
-    Two records share a bucket in some band with probability 1 - (1 - s^r)^b for Jaccard s (Leskovec et al.,
-    Mining of Massive Datasets, ch. 3.4); candidates are then verified on the full signature.
+    A pair with Jaccard s shares a bucket in some band with probability 1 - (1 - s^rows)^bands (Leskovec et al.,
+    Mining of Massive Datasets, sec. 3.4); candidates are verified on the full signatures, so recall is what matters.
     """
-    s = np.linspace(0.0, 1.0, 1001)
+    s = np.linspace(0.0, threshold, 1001)
     best = None
-    for b in range(1, num_perm + 1):
-        r = num_perm // b
-        p = 1 - (1 - s**r) ** b
-        err = np.trapezoid(np.where(s < threshold, p, 1 - p), s)
-        if best is None or err < best[0]:
-            best = (err, b, r)
+    for rows in range(1, num_perm + 1):
+        bands = num_perm // rows
+        if 1 - (1 - threshold**rows) ** bands < recall:
+            continue
+        false_mass = np.trapezoid(1 - (1 - s**rows) ** bands, s)
+        if best is None or false_mass < best[0]:
+            best = (false_mass, bands, rows)
+    if best is None:
+        raise ValueError(f"no LSH banding of {num_perm} permutations reaches recall {recall} at {threshold}")
     return best[1], best[2]
 
 
