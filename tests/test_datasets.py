@@ -253,3 +253,35 @@ def test_report_summary():
     rep.drop("too_long")
     rep.drop("no_learned_tokens")
     assert rep.summary() == "read 5, kept 3 (1 truncated), dropped 2 (no_learned_tokens: 1, too_long: 1)"
+
+
+def test_show_cli_marks_learned_tokens(tmp_path, capsys):
+    """`python -m data.show` on an SFT file: the assistant reply and its <|im_end|> are inside ⟦ ⟧ (not a tty);
+    3 learned tokens (602, 0, 998), as in test_sft_example_by_hand (plus the default system turn, all masked)."""
+    from data.show import main
+
+    path = write_jsonl(tmp_path / "sft.jsonl", [{"messages": [U_HI, A_HELLO]}, {"messages": [U_HI]}])
+    assert main([str(path), "--tokenizer", "small"]) == 0
+    out = capsys.readouterr().out
+    assert "<|im_start|>assistant\n⟦Hello!<|im_end|>⟧\n" in out
+    assert out.startswith(f"{path} record 0 (sft), tokenizer small\n--- sft, mask=all_assistant ---\n")
+    assert "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n" in out
+    assert "learned: 3," in out
+    assert main([str(path), "--tokenizer", "small", "--mask", "qwen_finetune"]) == 0
+    assert "⟦<|im_start|>⟧system\n" in capsys.readouterr().out
+
+
+def test_show_cli_preference_and_errors(tmp_path, capsys):
+    from data.show import main
+
+    path = write_jsonl(tmp_path / "pairs.jsonl", [PREF_FORMATS[0]])
+    assert main([str(path), "--tokenizer", "small", "--ids"]) == 0
+    out = capsys.readouterr().out
+    assert "--- chosen ---" in out and "⟦Hello!<|im_end|>⟧" in out and "⟦Hi<|im_end|>⟧" in out
+    # default system turn (11 ids) + PROMPT_IDS (9) + reply: chosen [602, 0, 998], rejected [664, 998]
+    assert "tokens: 23, learned: 3, masked: 20" in out and "tokens: 22, learned: 2, masked: 20" in out
+    bad = write_jsonl(tmp_path / "bad.jsonl", [PREF_FORMATS[0], dict(PREF_FORMATS[0], rejected=[1])])
+    assert main([str(bad), "--tokenizer", "small"]) == 2
+    assert "bad.jsonl:2: rejected[0]: a message must be a dict" in capsys.readouterr().err
+    assert main([str(path), "--tokenizer", "small", "--index", "3"]) == 2
+    assert "has 1 records; --index 3 is out of range" in capsys.readouterr().err
