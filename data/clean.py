@@ -6,13 +6,18 @@ Pure functions on strings first, then `clean_records`, which applies them to the
 
 from __future__ import annotations
 
+import functools
 import json
 import re
+import sys
 import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
+from tqdm import tqdm
+
+_PROGRESS_MIN = 5000  # records; below this a progress bar is noise
 
 # ----------------------------------------------------------------------------------------------- normalisation
 _WS = re.compile(r"\s+")
@@ -175,15 +180,20 @@ def shingle_hashes(text: str, k: int = 5) -> np.ndarray:
     return np.unique(_mix64(h))
 
 
+@functools.lru_cache(maxsize=8)
+def _permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, 2**63, num_perm, dtype=np.uint64) * np.uint64(2) + np.uint64(1)  # odd: a bijection mod 2^64
+    return a, rng.integers(0, 2**63, num_perm, dtype=np.uint64)
+
+
 def minhash(text: str, num_perm: int = 128, k: int = 5, seed: int = 0) -> np.ndarray:
     """MinHash signature of the normalised text  # (num_perm,)
 
     Permutation i is x -> a_i * x + b_i mod 2^64 with odd a_i (a bijection); P(sig_a[i] == sig_b[i]) estimates the
     Jaccard similarity of the two shingle sets (Broder 1997).
     """
-    rng = np.random.default_rng(seed)
-    a = rng.integers(0, 2**63, num_perm, dtype=np.uint64) * np.uint64(2) + np.uint64(1)  # (num_perm,)
-    b = rng.integers(0, 2**63, num_perm, dtype=np.uint64)
+    a, b = _permutations(num_perm, seed)  # (num_perm,) each
     h = shingle_hashes(normalize_key(text), k)  # (S,)
     return (a[:, None] * h[None, :] + b[:, None]).min(axis=1)  # (num_perm,)
 
@@ -220,7 +230,7 @@ def near_duplicate_of(fields: list[list[str]], threshold: float = 0.9, num_perm:
     bands, rows = lsh_params(threshold, num_perm)
     buckets: list[dict[bytes, list[int]]] = [{} for _ in range(bands)]
     sigs, out = [], []
-    for i, rec in enumerate(fields):
+    for i, rec in enumerate(tqdm(fields, desc="near-duplicates", disable=len(fields) < _PROGRESS_MIN, file=sys.stderr)):
         sig = np.stack([minhash(f, num_perm, k) for f in rec])  # (F, num_perm)
         sigs.append(sig)
         keys = [sig[0, j * rows:(j + 1) * rows].tobytes() for j in range(bands)]
@@ -304,7 +314,8 @@ def clean_records(kind: str, records: list[dict], cfg: CleanConfig) -> tuple[lis
     Order: tidy + strip translation prefixes -> rules -> decontamination -> PII scrub -> exact -> near dedupe.
     """
     kept, dropped = [], []
-    for i, rec in enumerate(records):
+    bar = tqdm(records, desc=f"clean {kind}", disable=len(records) < _PROGRESS_MIN, file=sys.stderr)
+    for i, rec in enumerate(bar):
         rec = json.loads(json.dumps(rec))  # deep copy: never edit the caller's records
         for m in _messages_of(kind, rec):
             m["content"] = tidy_text(m["content"])

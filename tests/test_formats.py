@@ -264,3 +264,21 @@ def test_detect_format_and_unknown_record():
     assert p.error == "cannot tell the format of this record (keys ['foo']); pass --format" and p.where == "f:7"
     with pytest.raises(ValueError, match="unknown format 'xml'"):
         parse_rows([], "xml")
+
+
+def test_openwebui_single_nested_snapshot_also_read():
+    """Some exports put history directly under snapshot.chat (no inner chat object); the same pair comes out."""
+    fb = _openwebui()[0]
+    fb["snapshot"]["chat"] = fb["snapshot"]["chat"]["chat"]
+    assert only(parse_rows([("x", fb)])).pairs[0]["rejected"] == [a("The capital of France is Lyon.")]
+    del fb["snapshot"]["chat"]["history"]
+    assert parse_rows([("x", fb)])[0][1].error == "no snapshot.chat.chat.history.messages object"
+
+
+def test_librechat_regenerated_siblings_rated_oppositely_give_a_pair():
+    rows = [("f:1", {"messageId": "u", "parentMessageId": None, "isCreatedByUser": True, "text": "2+2?"}),
+            ("f:2", {"messageId": "r1", "parentMessageId": "u", "text": "4", "feedback": {"rating": "thumbsUp"}}),
+            ("f:3", {"messageId": "r2", "parentMessageId": "u", "text": "5", "feedback": {"rating": "thumbsDown"}})]
+    out = [p for _, p in parse_rows(rows)]
+    assert [len(p.pairs) for p in out] == [0, 1, 0] and [len(p.singles) for p in out] == [0, 1, 1]
+    assert out[1].pairs[0] == {"prompt": [u("2+2?")], "chosen": [a("4")], "rejected": [a("5")]}
