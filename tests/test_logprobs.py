@@ -88,3 +88,22 @@ def test_causal_lm_logprobs_for_custom_and_transformers_models(which):
         ref = reference_logprobs(logits, labels)
         got = causal_lm_logprobs(model, ids, labels, chunk_size=5)
     torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 1000])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_fused_weighted_sum_equals_slow_version(chunk, temperature):
+    """weighted_logprob_sum computes its gradient in the forward pass; value and grads must equal
+    (coef * log_softmax(...).gather(...)).sum(), including through a non-unit upstream gradient (x 3)."""
+    from model.logprobs import weighted_logprob_sum
+    h, w, labels = inputs()
+    coef = torch.randn(labels.shape, generator=torch.Generator().manual_seed(2))
+    ref = (coef * reference_logprobs(h @ w.t(), labels, temperature)).sum()
+    gh_ref, gw_ref = torch.autograd.grad(3 * ref, (h, w))
+    got = weighted_logprob_sum(h, w, labels, coef, temperature=temperature, chunk_size=chunk)
+    gh, gw = torch.autograd.grad(3 * got, (h, w))
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(gh, gh_ref, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(gw, gw_ref, atol=1e-6, rtol=1e-6)
+    with torch.no_grad():  # no gradient work (and no error) without grad mode
+        torch.testing.assert_close(weighted_logprob_sum(h, w, labels, coef, temperature), ref.detach(), atol=1e-5, rtol=1e-6)

@@ -1,0 +1,153 @@
+"""One training step (forward + next-token loss + backward): the custom model vs transformers' Qwen2ForCausalLM.
+
+    python benchmarks/model_step.py [--hidden 256 --layers 4 --batch 4 --seq 256 --steps 5 --dtype float32]
+
+Same weights, same tokens, vocab 151,936. Each implementation runs in its own subprocess, one after the other in
+this one run, so their peak memories do not mix: peak = the highest resident set size during the timed steps
+(VmHWM, reset after warm-up) minus the resident size just before them, i.e. the activation / logits memory of the
+step itself. Also measures the machine's fp32 matmul FLOP/s in the same run and reports model FLOP utilisation.
+Prints a Markdown table with the ratios (ours / transformers) for README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+V = 151936
+
+
+def rss_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1])
+    raise RuntimeError(field)
+
+
+def reset_peak():
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS (Linux)
+
+
+def build(args):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    cfg = Qwen2Config(vocab_size=V, hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4,
+                      num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
+                      num_key_value_heads=max(1, args.hidden // 256), max_position_embeddings=4096,
+                      tie_word_embeddings=False)
+    torch.manual_seed(0)
+    hf = Qwen2ForCausalLM(cfg)
+    if args.impl == "hf":
+        hf.config._attn_implementation = "sdpa"
+        return hf.to(DTYPES[args.dtype]).train()
+    import tempfile
+    from model.checkpoint import load_causal_lm
+    with tempfile.TemporaryDirectory() as d:
+        hf.save_pretrained(d)
+        return load_causal_lm(d, dtype=DTYPES[args.dtype]).train()
+
+
+def step_fn(args, model):
+    from model.logprobs import weighted_logprob_sum
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, V, (args.batch, args.seq), generator=g)
+    labels = torch.cat([ids[:, 1:], torch.full((args.batch, 1), -100)], 1)
+    coef = -(labels != -100).float() / (labels != -100).sum()  # token-mean NLL, as transformers' loss
+
+    def ours():
+        hidden = model.get_decoder()(ids)  # (B, T, H)
+        loss = weighted_logprob_sum(hidden, model.get_output_embeddings().weight, labels, coef)
+        loss.backward()
+        return loss.item()
+
+    def hf():
+        loss = model(input_ids=ids, labels=ids).loss  # transformers shifts internally
+        loss.backward()
+        return loss.item()
+
+    return ours if args.impl == "ours" else hf
+
+
+def model_flops(args) -> float:
+    """6 x tokens x matmul parameters (lm_head included, embedding lookup not) + causal attention scores."""
+    H, L, T, tokens = args.hidden, args.layers, args.seq, args.batch * args.seq
+    kv = max(1, H // 256) * 64
+    per_layer = H * H * 2 + H * kv * 2 + 3 * H * (H * 11 // 4)
+    attn = 6 * L * H * T * tokens  # QK^T and AV, forward 2 x 2 x H x T/2 per token, times 3 for backward
+    return 6 * tokens * (L * per_layer + H * V) + attn
+
+
+def worker(args):
+    torch.manual_seed(0)
+    model = build(args)
+    step = step_fn(args, model)
+    loss0 = step()  # warm-up (allocator, kernels)
+    model.zero_grad(set_to_none=False)
+    gc.collect()
+    base = rss_kb("VmRSS")
+    reset_peak()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+        model.zero_grad(set_to_none=False)
+    dt = (time.perf_counter() - t0) / args.steps
+    peak = rss_kb("VmHWM") - base
+    print(json.dumps({"impl": args.impl, "loss": loss0, "step_s": dt, "tokens_per_s": args.batch * args.seq / dt,
+                      "peak_mib": peak / 1024, "tflops": model_flops(args) / dt / 1e12}))
+
+
+def matmul_tflops(n=2048, reps=5) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e12
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    ap.add_argument("--impl", choices=["ours", "hf"], help=argparse.SUPPRESS)  # worker mode
+    args = ap.parse_args()
+    if args.impl:
+        return worker(args)
+    peak = matmul_tflops()
+    rows = {}
+    for impl in ["hf", "ours"]:
+        cmd = [sys.executable, __file__, *sys.argv[1:], "--impl", impl]
+        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        if out.returncode:
+            sys.exit(f"{impl} failed:\n{out.stderr[-3000:]}")
+        rows[impl] = json.loads(out.stdout.strip().splitlines()[-1])
+    hf, ours = rows["hf"], rows["ours"]
+    assert abs(hf["loss"] - ours["loss"]) < 1e-3 * max(1.0, abs(hf["loss"])), (hf["loss"], ours["loss"])
+    print(f"config: hidden {args.hidden}, layers {args.layers}, vocab {V}, batch {args.batch} x seq {args.seq}, "
+          f"{args.dtype}, {torch.get_num_threads()} threads; fp32 matmul peak {peak:.3f} TFLOP/s")
+    print("| implementation | tokens/s | step peak memory (MiB) | TFLOP/s | MFU |")
+    print("|---|---|---|---|---|")
+    for name, r in [("transformers Qwen2ForCausalLM", hf), ("custom model + chunked log-probs", ours)]:
+        print(f"| {name} | {r['tokens_per_s']:.0f} | {r['peak_mib']:.0f} | {r['tflops']:.3f} | "
+              f"{r['tflops'] / peak:.0%} |")
+    print(f"| **ratio ours / transformers** | **{ours['tokens_per_s'] / hf['tokens_per_s']:.2f}x** | "
+          f"**{ours['peak_mib'] / hf['peak_mib']:.2f}x** | | |")
+
+
+if __name__ == "__main__":
+    main()
