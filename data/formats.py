@@ -240,7 +240,8 @@ def arena_record(obj: dict) -> list:
         return [("drop", winner)]
     if winner not in ("model_a", "model_b"):
         raise RecordError(f"winner must be model_a, model_b, tie or 'tie (bothbad)', got {winner!r}")
-    a, b = _messages(obj.get("conversation_a"), "conversation_a"), _messages(obj.get("conversation_b"), "conversation_b")
+    a = _messages(obj.get("conversation_a"), "conversation_a")
+    b = _messages(obj.get("conversation_b"), "conversation_b")
     shared = split_shared_prompt(*((a, b) if winner == "model_a" else (b, a)))
     if shared is None:  # each model answered every turn: the vote covers whole dialogues, not one reply
         return [("drop", "multi-turn battle (dialogues differ before the final reply)")]
@@ -259,7 +260,8 @@ def summarize_record(obj: dict) -> list:
     if info.get("article"):  # CNN/DM
         prompt = f"TITLE: {info.get('title')}\n\n{info['article']}\n\nTL;DR:"
     else:
-        prompt = f"SUBREDDIT: r/{info.get('subreddit')}\n\nTITLE: {info.get('title')}\n\nPOST: {_text(info, 'post')}\n\nTL;DR:"
+        prompt = (f"SUBREDDIT: r/{info.get('subreddit')}\n\nTITLE: {info.get('title')}\n\n"
+                  f"POST: {_text(info, 'post')}\n\nTL;DR:")
     return [_pair([_msg("user", prompt)], _msg("assistant", texts[choice]), _msg("assistant", texts[1 - choice]))]
 
 
@@ -448,7 +450,8 @@ def parse_librechat(rows: list[Row]) -> list[Parsed]:
                 raise RecordError("expected a message object with a string messageId")
             parent = m.get("parentMessageId")
             role = "user" if m.get("isCreatedByUser") else "assistant"
-            tree[m["messageId"]] = (None if parent in (None, _LIBRECHAT_NO_PARENT) else parent, role, _librechat_text(m))
+            parent = None if parent in (None, _LIBRECHAT_NO_PARENT) else parent
+            tree[m["messageId"]] = (parent, role, _librechat_text(m))
             if isinstance(m.get("feedback"), dict):
                 ratings[m["messageId"]] = parse_thumb(m["feedback"].get("rating"))
         except RecordError as e:
@@ -505,7 +508,8 @@ def parse_oasst(rows: list[Row]) -> list[Parsed]:
             continue
         prompt = _path_messages(tree, parent_of, parent)
         for win, lose in _ranked_pairs(order):
-            results[win].pairs.append(_pair(prompt, _msg("assistant", tree[win][2]), _msg("assistant", tree[lose][2]))[1])
+            win_msg, lose_msg = _msg("assistant", tree[win][2]), _msg("assistant", tree[lose][2])
+            results[win].pairs.append(_pair(prompt, win_msg, lose_msg)[1])
     return list(results.values())
 
 
@@ -542,7 +546,8 @@ _DETECT: list[tuple[str, Callable[[dict], bool]]] = [  # first match wins; keys 
     ("argilla", lambda o: any(k.endswith(".responses") for k in o)),
     ("hh", lambda o: "prompt" not in o and isinstance(o.get("chosen"), str) and o["chosen"].startswith("\n\nHuman:")),
     ("ultrafeedback", lambda o: "score_chosen" in o or "prompt_id" in o),
-    ("thumbs", lambda o: any(k in o for k in ("rating", "thumbs", "thumb", "feedback")) or {"messages", "label"} <= o.keys()),
+    ("thumbs", lambda o: any(k in o for k in ("rating", "thumbs", "thumb", "feedback"))  # a bare "label" is TRL's
+     or {"messages", "label"} <= o.keys()),
     ("trl", lambda o: "chosen" in o or "rejected" in o or "completion" in o),
 ]
 
