@@ -96,6 +96,9 @@ def preference_parts(rec: dict) -> tuple[list[dict], dict, dict]:
             rec["rejected"], "rejected")
     chosen, rejected = rec["chosen"], rec["rejected"]
     if isinstance(chosen, str) and isinstance(rejected, str):
+        if "\n\nHuman:" in chosen and "\n\nAssistant:" in chosen:
+            raise ValueError("looks like an Anthropic HH-RLHF dialogue string; convert it to messages first with "
+                             "`python -m data.feedback`")
         n = _common_prefix_at_space(chosen, rejected)
         if n == 0:
             raise ValueError("implicit-prompt 'chosen' and 'rejected' share no prompt text")

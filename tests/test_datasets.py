@@ -128,6 +128,8 @@ def test_implicit_string_prompt_splits_at_a_word():
 
     prompt, chosen, rejected = preference_parts({"chosen": "The sky is blue.", "rejected": "The sky is green."})
     assert (prompt[0]["content"], chosen["content"], rejected["content"]) == ("The sky is", " blue.", " green.")
+    with pytest.raises(ValueError, match="HH-RLHF dialogue string; convert it"):
+        preference_parts({"chosen": "\n\nHuman: hi\n\nAssistant: a", "rejected": "\n\nHuman: hi\n\nAssistant: b"})
 
 
 def test_preference_truncation(small_tok):
