@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 
 from common.config import ConfigError, cfg, parse_config, save_config
+from reward.model import load_tokenizer  # noqa: F401  (also used by tests)
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -101,20 +102,6 @@ class SFTConfig:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Pieces used by the loop (kept small so the loop reads top to bottom).
-
-def load_tokenizer(name: str):
-    from data.tokenizer import qwen2_tokenizer, small_tokenizer
-
-    if name == "qwen2":
-        return qwen2_tokenizer()
-    if name == "small":
-        return small_tokenizer()
-    from transformers import AutoTokenizer
-
-    if not Path(name).is_dir():
-        raise ConfigError(f"tokenizer {name!r}: not 'qwen2', 'small' or an existing folder")
-    return AutoTokenizer.from_pretrained(name)
-
 
 def build_base_model(c: SFTConfig, path: str | None):
     """fp32 weights (mixed precision is autocast): the custom model from `path` or init_config, or transformers'."""

@@ -37,3 +37,132 @@ def test_pairwise_loss_is_stable_and_has_gradient():
     with pytest.raises(ValueError, match="expected two"):
         pairwise_loss(torch.zeros(2, 1), torch.zeros(2, 1))
     assert math.isfinite(pairwise_loss(torch.zeros(1), torch.zeros(1))[0].item())
+
+
+# ------------------------------------------------------------------------------------------- model and training
+import json  # noqa: E402
+import random  # noqa: E402
+
+from common.checkpoint import latest_checkpoint  # noqa: E402
+from common.config import ConfigError, build_config  # noqa: E402
+from common.metrics import read_jsonl  # noqa: E402
+from reward.model import (load_reward_model, load_tokenizer, pad_sequences, reward_positions,  # noqa: E402
+                          reward_token_id, score, score_pairs)
+
+TINY = {"vocab_size": 1000, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
+        "tie_word_embeddings": True}
+WORDS = "apple banana cherry dog egg fish grape house ice jam kite lemon".split()
+
+
+@pytest.fixture(scope="module")
+def lm_dir(tmp_path_factory):
+    from model.checkpoint import save_causal_lm
+    from model.qwen import QwenConfig, QwenForCausalLM
+
+    d = tmp_path_factory.mktemp("rm") / "lm"
+    save_causal_lm(QwenForCausalLM(QwenConfig(**TINY)).init_weights(seed=0), d)
+    return d
+
+
+def _pairs_file(path, n, seed):
+    """Separable toy comparisons: the chosen reply repeats the request, the rejected one is unrelated words."""
+    r = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            q = " ".join(r.choice(WORDS) for _ in range(r.randint(2, 5)))
+            bad = " ".join(r.choice(WORDS) for _ in range(r.randint(2, 5))) + " no"
+            f.write(json.dumps({"prompt": [{"role": "user", "content": "Repeat: " + q}],
+                                "chosen": [{"role": "assistant", "content": q}],
+                                "rejected": [{"role": "assistant", "content": bad}]}) + "\n")
+    return path
+
+
+def test_scores_do_not_depend_on_batch_padding_side_or_length(lm_dir):
+    """PITFALLS 5: the same pair scored alone, next to longer sequences, left- or right-padded, with extra padding,
+    gets the same two scores; the score is read at <|reward|>, not at the last non-pad token."""
+    tok = load_tokenizer("small")
+    rid, pad = reward_token_id(tok), tok.pad_token_id
+    model = load_reward_model(str(lm_dir)).eval()
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    pair = [enc("Repeat: egg fish") + [rid], enc("Repeat: dog") + [rid]]
+    others = [enc("a much longer sequence with many more words in it " * 3) + [rid], enc("x") + [rid]]
+
+    def run(seqs, side, extra=0):
+        ids, mask = pad_sequences(seqs, pad, side)
+        ids = torch.cat([ids, torch.full((len(seqs), extra), pad)], 1) if side == "right" else \
+            torch.cat([torch.full((len(seqs), extra), pad), ids], 1)
+        mask = torch.cat([mask, torch.zeros(len(seqs), extra, dtype=torch.long)], 1) if side == "right" else \
+            torch.cat([torch.zeros(len(seqs), extra, dtype=torch.long), mask], 1)
+        with torch.no_grad():
+            return score(model, ids, mask, rid)
+
+    alone = run(pair, "right")
+    assert alone[0] != alone[1]
+    for got in (run(pair + others, "right")[:2], run(others[:1] + pair, "left")[1:3], run(pair, "left", extra=7),
+                run(pair + others[1:], "right", extra=5)[:2]):
+        torch.testing.assert_close(got, alone, atol=1e-5, rtol=1e-5)
+    # appending tokens AFTER the reward token (or reading the last token) would change the score; we never do
+    with torch.no_grad():
+        ids, mask = pad_sequences([pair[0] + enc(" trailing")], pad)
+        assert abs(score(model, ids, mask, rid)[0] - alone[0]) < 1e-5
+
+
+def test_sequence_without_reward_token_cannot_be_scored():
+    ids = torch.tensor([[5, 6, 999, 996], [5, 6, 7, 996]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 0]])
+    with pytest.raises(ValueError, match="row 1 of the batch has 0 <\\|reward\\|> tokens"):
+        reward_positions(ids, mask, 999)
+    assert reward_positions(ids[:1], mask[:1], 999).tolist() == [2]
+
+
+def rm_config(tmp, lm_dir, files, **kw):
+    from reward.train import RewardConfig
+
+    values = dict(model_path=str(lm_dir), tokenizer="small", train_files=[str(files[0])],
+                  eval_files=[str(files[1])], seq_len=64, micro_batch_size_per_rank=4, grad_accum_steps=2,
+                  lr=2e-3, max_steps=6, output_dir=str(tmp))
+    values.update(kw)
+    return build_config(RewardConfig, values)
+
+
+def test_reward_training_learns_resumes_exactly_and_saves_stats(lm_dir, tmp_path):
+    import reward.train as rt
+
+    files = [_pairs_file(tmp_path / "train.jsonl", 48, 0), _pairs_file(tmp_path / "test.jsonl", 24, 1)]
+    full = rt.train(rm_config(tmp_path / "full", lm_dir, files))
+    part = rt.train(rm_config(tmp_path / "cut", lm_dir, files, stop_at_step=3))
+    part += rt.train(rm_config(tmp_path / "cut", lm_dir, files))
+    assert part == full and full[-1] < full[0]
+    assert latest_checkpoint(tmp_path / "cut" / "checkpoints").name == "step-00000006"
+    rows = read_jsonl(tmp_path / "full" / "metrics.jsonl")
+    assert [r["step"] for r in rows if "eval_accuracy" in r] == [6]
+    stats = json.loads((tmp_path / "full" / "final" / "reward_stats.json").read_text())
+    # the saved stats are the mean/std of the final model's scores on the reference (eval) pairs
+    final = load_reward_model(str(tmp_path / "full" / "final")).eval()
+    tok = load_tokenizer("small")
+    from data.datasets import build_preference_examples, load_records
+
+    ex, _ = build_preference_examples(load_records(files[1])[0], tok, 64, reward_token=True)
+    rc, rr = score_pairs(final, ex, tok.pad_token_id, reward_token_id(tok))
+    both = torch.cat([rc, rr]).double()
+    assert stats["n"] == 48 and stats["mean"] == pytest.approx(both.mean().item(), abs=1e-5)
+    assert stats["std"] == pytest.approx(both.std(unbiased=False).item(), abs=1e-5)
+    assert (tmp_path / "full" / "curves.png").is_file()
+    from transformers import AutoModelForSequenceClassification
+
+    hf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "full" / "final")
+    assert hf.config.num_labels == 1
+
+
+def test_reward_config_errors(lm_dir, tmp_path):
+    files = [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]
+    with pytest.raises(ConfigError, match="model_path is required"):
+        rm_config(tmp_path, "", files)
+    with pytest.raises(ConfigError, match="set norm_files"):
+        rm_config(tmp_path, lm_dir, files, eval_files=[])
+    from reward.train import RewardConfig
+
+    c = RewardConfig()  # recipe defaults, sec. 3.2.1
+    assert (c.lr, c.num_epochs, c.micro_batch_size_per_rank * c.grad_accum_steps, c.seq_len, c.warmup_steps) == \
+        (3e-6, 1, 64, 2048, 0)
