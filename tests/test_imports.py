@@ -1,0 +1,39 @@
+"""Import hygiene: loss, data and model modules never pull in vLLM or DeepSpeed (heavy, slow, and they change
+global state such as the accelerator); imports flow one way: common -> data -> model -> reward, rollout -> align."""
+
+import ast
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+LIGHT = ["data.chatml", "data.datasets", "data.tokenizer", "data.feedback", "model.qwen", "model.logprobs",
+         "model.checkpoint", "model.heads", "reward.losses", "common.config", "rollout.base"]
+LEVEL = {"common": 0, "data": 1, "model": 2, "reward": 3, "rollout": 3, "align": 4}
+
+
+def test_light_modules_do_not_import_vllm_or_deepspeed():
+    present = [m for m in LIGHT if (ROOT / (m.replace(".", "/") + ".py")).exists()]
+    code = ("import sys, importlib\n"
+            f"for m in {present!r}:\n"
+            "    importlib.import_module(m)\n"
+            "    heavy = sorted(k for k in ('vllm', 'deepspeed') if k in sys.modules)\n"
+            "    assert not heavy, (m, heavy)\n"
+            "print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+def test_imports_flow_one_way():
+    """A module of package P may import only packages at a lower level, or its own."""
+    bad = []
+    for pkg, level in LEVEL.items():
+        for f in sorted((ROOT / pkg).glob("*.py")):
+            for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                    [node.module] if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 else []
+                for name in names:
+                    top = name.split(".")[0]
+                    if top in LEVEL and top != pkg and LEVEL[top] >= level:
+                        bad.append(f"{f.relative_to(ROOT)} imports {name}")
+    assert not bad, bad
