@@ -1,0 +1,203 @@
+"""PPO maths (Qwen report sec. 3.2.2): pure functions of tensors, no model, no data, no vLLM.
+
+Shapes: B responses in the rollout batch, R response length (right padded); `mask` (B, R) is 1 on the response's
+real tokens (the sampled tokens, the stop token included) and 0 on padding.
+
+Reductions are named and explicit. `token_mean` divides by a token count and `sequence_mean` by a sequence count;
+pass `total=` the count of the GLOBAL batch (all ranks, all micro batches) and the per-shard losses add up to the
+whole-batch loss, which is what data-parallel training needs (tests/test_ppo_losses.py shows it).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+# ---------------------------------------------------------------------------------------------------- reductions
+def token_mean(x: torch.Tensor, mask: torch.Tensor, total: float | None = None) -> torch.Tensor:
+    """sum(x * mask) / total; total defaults to mask.sum() (this shard's tokens). x, mask: (B, R)."""
+    denom = mask.sum() if total is None else torch.as_tensor(total, dtype=x.dtype, device=x.device)
+    return torch.where(mask > 0, x, 0.0).sum() / denom.clamp(min=1)  # where, not x * mask: inf * 0 is NaN
+
+
+def sequence_mean(x: torch.Tensor, mask: torch.Tensor, total: float | None = None) -> torch.Tensor:
+    """Mean over sequences of each sequence's token mean; total defaults to B (this shard's sequences)."""
+    per_seq = torch.where(mask > 0, x, 0.0).sum(-1) / mask.sum(-1).clamp(min=1)  # (B,)
+    denom = per_seq.new_tensor(float(x.shape[0] if total is None else total))
+    return per_seq.sum() / denom.clamp(min=1)
+
+
+def _stat(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return token_mean(x.detach().float(), mask)
+
+
+# ---------------------------------------------------------------------------------------------------- losses
+def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                    clip: float = 0.2, reduce=token_mean, total: float | None = None):
+    """Clipped surrogate (Schulman et al. 2017): max(-A r, -A clip(r, 1-e, 1+e)), r = exp(logp - old_logp).
+
+    logp (B, R) with gradient; old_logp, advantages (B, R) fixed. Returns (loss, stats): clip_frac = share of
+    tokens where the clipped term is the active one, approx_kl = mean((r - 1) - log r) (>= 0, Schulman's k3).
+    """
+    log_ratio = torch.where(mask > 0, logp - old_logp, 0.0)  # (B, R); padding masked before exp (no inf)
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
+    loss = reduce(torch.maximum(unclipped, clipped), mask, total)
+    stats = {"policy_clip_frac": _stat((clipped > unclipped).float(), mask),
+             "approx_kl": _stat((ratio - 1.0) - log_ratio, mask)}
+    return loss, stats
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               clip: float = 0.15, reduce=token_mean, total: float | None = None):
+    """Clipped value loss 0.5 * max((v - G)^2, (v_clip - G)^2), v_clip = old + clip(v - old, -c, c).
+
+    The clip keeps the value model near the values the advantages were computed with (Qwen sec. 3.2.2: value loss
+    clipping 0.15). values (B, R) with gradient; old_values, returns (B, R). stats: value_clip_frac.
+    """
+    v_clipped = old_values + torch.clamp(values - old_values, -clip, clip)  # (B, R)
+    err, err_clipped = (values - returns) ** 2, (v_clipped - returns) ** 2
+    loss = 0.5 * reduce(torch.maximum(err, err_clipped), mask, total)
+    return loss, {"value_clip_frac": _stat((err_clipped > err).float(), mask)}
+
+
+# ---------------------------------------------------------------------------------------------------- advantages
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95):
+    """Generalised advantage estimation (Schulman et al. 2016) over each response, by a reverse loop over R.
+
+    rewards, values, mask (B, R); values after a response's last token count as 0 (the episode ends there).
+    Returns (advantages, returns), both (B, R) and 0 on padding; returns = advantages + values.
+    """
+    rewards, values = rewards * mask, values * mask
+    B, R = rewards.shape
+    adv = torch.zeros_like(rewards)  # (B, R)
+    last = rewards.new_zeros(B)  # (B,) A_{t+1}
+    for t in reversed(range(R)):
+        next_v = values[:, t + 1] if t + 1 < R else rewards.new_zeros(B)
+        delta = rewards[:, t] + gamma * next_v - values[:, t]
+        last = delta + gamma * lam * last
+        adv[:, t] = last
+    adv = adv * mask
+    return adv, (adv + values) * mask
+
+
+def masked_moments(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(3,) float64 [count, sum, sum of squares] of x over the mask; all-reduce with "sum" to get global moments."""
+    x, m = x.double(), mask.double()
+    return torch.stack([m.sum(), (x * m).sum(), (x * x * m).sum()])
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, moments: torch.Tensor | None = None,
+           eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std over the masked entries (population variance), 0 on padding. x, mask (B, R).
+
+    moments: global [count, sum, sumsq] from masked_moments summed over ranks; None = this tensor's own.
+    shift_mean=False keeps the mean (used for rewards, whose sign carries meaning).
+    """
+    n, s, ss = (masked_moments(x, mask) if moments is None else moments.double()).tolist()
+    if n < 2:
+        raise ValueError(f"whiten: need at least 2 masked values, got {n:g}")
+    mean = s / n
+    var = max(ss / n - mean * mean, 0.0)
+    out = (x - mean) / math.sqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+# ---------------------------------------------------------------------------------------------------- KL, rewards
+def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token KL(pi || ref) estimate on tokens sampled from pi (Schulman, "Approximating KL divergence").
+
+    k1 = logp - ref_logp (unbiased, can be negative per token); k3 = exp(r) - 1 - r with r = ref_logp - logp
+    (unbiased, never negative: PITFALLS 8). logp, ref_logp (B, R) -> (B, R).
+    """
+    if estimator == "k1":
+        return logp - ref_logp
+    if estimator == "k3":
+        r = ref_logp - logp
+        return torch.expm1(r) - r
+    raise ValueError(f"kl estimator must be 'k1' or 'k3', got {estimator!r}")
+
+
+def shape_rewards(score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, coef: float,
+                  has_eos: torch.Tensor, eos_missing_penalty: float = 0.0) -> torch.Tensor:
+    """Per-token rewards (B, R): -coef * kl on every response token, plus on the last real token the (normalised)
+    score minus `eos_missing_penalty` when the response did not end with a stop token (Ziegler et al. 2019;
+    the penalty discourages max-length rambling, PITFALLS 8).
+
+    score (B,), kl (B, R), mask (B, R), has_eos (B,) bool.
+    """
+    lengths = mask.long().sum(-1)  # (B,)
+    if (lengths < 1).any():
+        raise ValueError(f"shape_rewards: response {int((lengths < 1).nonzero()[0])} has no tokens")
+    rewards = -coef * kl * mask  # (B, R)
+    final = score - eos_missing_penalty * (~has_eos.bool()).to(score.dtype)  # (B,)
+    return rewards.scatter_add(1, (lengths - 1)[:, None], final[:, None].to(rewards.dtype))
+
+
+# ---------------------------------------------------------------------------------------------------- controllers
+class FixedKLController:
+    """A constant KL coefficient (Qwen sec. 3.2.2 uses 0.04)."""
+
+    def __init__(self, value: float):
+        self.value = float(value)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = float(state["value"])
+
+
+class AdaptiveKLController(FixedKLController):
+    """Ziegler et al. 2019 (sec. 2.2): beta <- beta * (1 + K * e), e = clip(KL / target - 1, -0.2, 0.2),
+    K = n_steps / horizon: the coefficient rises while KL is above target and falls while below."""
+
+    def __init__(self, value: float, target: float, horizon: int):
+        super().__init__(value)
+        if target <= 0 or horizon <= 0:
+            raise ValueError(f"adaptive KL needs target > 0 and horizon > 0, got {target}, {horizon}")
+        self.target, self.horizon = float(target), int(horizon)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_steps / self.horizon
+
+
+# ---------------------------------------------------------------------------------------------------- normalisation
+class RunningMeanStd:
+    """Running mean and variance of scalar rewards over all batches seen (Chan et al. parallel update).
+
+    normalise(): (x - mean), divided by std when use_std; the statistics go in the checkpoint (state_dict).
+    """
+
+    def __init__(self):
+        self.count, self.mean, self.var = 0, 0.0, 1.0
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().double().flatten()
+        n = x.numel()
+        if n == 0:
+            return
+        b_mean, b_var = x.mean().item(), x.var(unbiased=False).item()
+        total = self.count + n
+        delta = b_mean - self.mean
+        m2 = self.var * self.count + b_var * n + delta * delta * self.count * n / total
+        self.mean, self.var, self.count = self.mean + delta * n / total, m2 / total, total
+
+    def normalise(self, x: torch.Tensor, use_std: bool = False, eps: float = 1e-8) -> torch.Tensor:
+        out = x - self.mean
+        return out / math.sqrt(self.var + eps) if use_std else out
+
+    def state_dict(self) -> dict:
+        return {"count": self.count, "mean": self.mean, "var": self.var}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count, self.mean, self.var = int(state["count"]), float(state["mean"]), float(state["var"])
