@@ -173,7 +173,10 @@ def build_config(cls: type, values: dict, source: str = "values") -> Any:
 
 
 def parse_config(cls: type, argv: list[str] | None = None) -> Any:
-    """`--config file.yaml` first, then `--field value` overrides, then `validate()`. `--help` prints the fields."""
+    """`--config file.yaml` first, then `--field value` overrides, then `validate()`. `--help` prints the fields.
+
+    A list field takes comma-separated values (`--files a,b`) or the flag repeated (`--files a --files b`); a flag
+    replaces the YAML value rather than extending it."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--help" in argv or "-h" in argv:
         print(config_help(cls))
@@ -191,7 +194,10 @@ def parse_config(cls: type, argv: list[str] | None = None) -> Any:
             continue
         if name not in fields:
             raise ConfigError(f"unknown flag --{name} for {cls.__name__}; run with --help to list the options")
-        values[name], sources[name] = value, f"--{name}"
+        if typing.get_origin(fields[name][1]) is list and sources.get(name) == f"--{name}":
+            values[name] = f"{values[name]},{value}"  # a list flag given several times collects its values
+        else:
+            values[name], sources[name] = value, f"--{name}"
     kwargs = {}
     for key, value in values.items():
         src = sources[key]

@@ -14,7 +14,11 @@ sequence length 2048. The loop, in numbered phases:
 from __future__ import annotations
 
 import math
+import os
 import sys
+
+if __name__ == "__main__" and os.path.dirname(os.path.abspath(__file__)) == os.path.abspath(sys.path[0]):
+    sys.path.pop(0)  # run as `python reward/train.py`: reward/model.py must not shadow the top-level `model` package
 import time
 from dataclasses import dataclass
 from pathlib import Path

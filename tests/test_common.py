@@ -44,6 +44,8 @@ def test_parse_config_yaml_then_cli_overrides(tmp_path):
     assert (c.lr, c.steps, c.bf16, c.betas, c.max_len, c.files) == (3e-6, 7, True, (0.8, 0.9), 32, ["a.jsonl", "b.jsonl"])
     c = parse_config(ToyConfig, ["--betas", "0.5,0.6", "--max_len", "none", "--files", "x,y"])
     assert (c.betas, c.max_len, c.files, c.steps) == ((0.5, 0.6), None, ["x", "y"], 10)
+    c = parse_config(ToyConfig, ["--config", str(path), "--files", "x", "--files", "y,z"])  # repeated list flag
+    assert c.files == ["x", "y", "z"]
 
 
 def test_parse_config_errors_name_key_and_file(tmp_path):

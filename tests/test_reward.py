@@ -166,3 +166,40 @@ def test_reward_config_errors(lm_dir, tmp_path):
     c = RewardConfig()  # recipe defaults, sec. 3.2.1
     assert (c.lr, c.num_epochs, c.micro_batch_size_per_rank * c.grad_accum_steps, c.seq_len, c.warmup_steps) == \
         (3e-6, 1, 64, 2048, 0)
+
+
+def test_pair_metrics_by_hand():
+    """scores c=[3, 1, 2, 0], r=[1, 2, 2, 5] -> chosen wins pairs 0 only (the tie 2 vs 2 is not a win): 25%.
+    lengths c=[5, 3, 4, 4], r=[2, 6, 4, 1]: pairs 0, 1, 3 differ; the longer reply is c, r, c; the model picked
+    c, r, r -> longer wins in pairs 0 and 1: 2/3 = 66.7%. mean margin (2 - 1 + 0 - 5) / 4 = -1."""
+    from reward.bench import pair_metrics
+
+    m = pair_metrics(torch.tensor([3.0, 1, 2, 0]), torch.tensor([1.0, 2, 2, 5]), torch.tensor([5, 3, 4, 4]),
+                     torch.tensor([2, 6, 4, 1]))
+    assert m["accuracy"] == 25.0 and m["prefers_longer"] == pytest.approx(200 / 3) and m["mean_margin"] == -1.0
+
+
+def test_bench_reads_trl_and_hh_formats_and_writes_table(lm_dir, tmp_path, capsys):
+    """A model with a fresh head on two datasets: accuracies equal those from score_pairs directly."""
+    from reward.bench import main
+
+    trl = _pairs_file(tmp_path / "trl.jsonl", 10, 2)
+    hh = tmp_path / "hh.jsonl"
+    with open(hh, "w") as f:
+        for i in range(6):
+            p = f"\n\nHuman: name a fruit {i}\n\nAssistant:"
+            f.write(json.dumps({"chosen": p + " apple", "rejected": p + " dog dog dog"}) + "\n")
+    res = main(["--model", f"LM={lm_dir}", "--tokenizer", "small", "--data", f"trl={trl}", "--data", f"hh={hh}",
+                "--max_len", "64", "--out_dir", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert "| Model | trl | hh | Avg |" in out and "| LM |" in out
+    assert res["datasets"]["hh"]["pairs"] == 6 and res["datasets"]["hh"]["chosen_longer"] == 0.0
+    tok = load_tokenizer("small")
+    from data.datasets import build_preference_examples, load_records
+
+    ex, _ = build_preference_examples(load_records(trl)[0], tok, 64, reward_token=True)
+    rc, rr = score_pairs(load_reward_model(str(lm_dir)).eval(), ex, tok.pad_token_id, reward_token_id(tok))
+    assert res["models"]["LM"]["scores"]["trl"]["accuracy"] == pytest.approx(100 * (rc > rr).float().mean().item())
+    saved = json.loads((tmp_path / "out" / "bench.json").read_text())
+    assert saved["models"]["LM"]["mean_accuracy"] == pytest.approx(res["models"]["LM"]["mean_accuracy"])
+    assert (tmp_path / "out" / "bench.png").read_bytes()[:4] == b"\x89PNG"
