@@ -1,0 +1,609 @@
+"""PPO (Qwen report sec. 3.2.2): policy from SFT, frozen reference, frozen reward model, value model initialised
+from the reward model; per-token KL penalty, clipped policy and value losses, GAE, PPO-ptx.
+
+    accelerate launch align/ppo.py                     # embedded demo: runs/demo/sft/final + runs/demo/reward/final
+    accelerate launch align/ppo.py --config configs/ppo.yaml [--field value ...]
+
+One PPO step (iteration), in numbered phases:
+  1. rollout: the engine samples n responses per prompt (top-p 0.9); after each policy update the engine gets the
+     new weights (sync time logged)
+  2. score: reward model on prompt + response + <|reward|>; the demo's true reward where the data has one
+  3. log-probs of the policy (old) and the reference recomputed by the TRAINING models on the sampled tokens with
+     the sampler's temperature (the engine's own log-probs are only compared: PITFALLS 7); values
+  4. KL-shaped rewards (score normalised by a running mean), GAE, advantage whitening
+  5. PPO epochs over mini batches: policy loss + value loss (+ ptx coef x LM loss on pretraining text); during the
+     first value_warmup_steps steps only the value model is updated
+  6. log (JSONL, TensorBoard, PNG), alignment tax (LM loss on held-out pretraining text), NaN guard, checkpoint
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from align.ppo_losses import (AdaptiveKLController, FixedKLController, RunningMeanStd, gae, kl_penalty,
+                              ppo_policy_loss, shape_rewards, token_mean, value_loss, whiten)
+from common.config import ConfigError, cfg, parse_config, save_config
+
+DEMO_DIR = Path(__file__).resolve().parents[1] / "data" / "demo"
+
+
+@dataclass
+class PPOConfig:
+    # --- models (four: policy, reference = frozen policy copy, reward, value) ---
+    policy_path: str = cfg("runs/demo/sft/final", "SFT model folder (Qwen2ForCausalLM): the policy and the frozen reference")
+    reward_path: str = cfg("runs/demo/reward/final", "reward-model folder (reward/train.py), read at <|reward|>")
+    value_path: Optional[str] = cfg(None, "value-model init; None = the reward model (sec. 3.2.2)")
+    tokenizer: Optional[str] = cfg(None, "policy tokenizer: None = the one saved in policy_path, else 'qwen2'/'small'/folder")
+    reward_tokenizer: Optional[str] = cfg(None, "reward tokenizer: None = the one saved in reward_path, else as above")
+    tokenizer_mismatch: str = cfg("refuse", "policy and reward tokenizers differ: 'refuse' or 'retokenize' the decoded text (PITFALLS 6)")
+    # --- data ---
+    prompt_files: list[str] = cfg([str(DEMO_DIR / "prompts_train.jsonl")], "prompt-only files ({'prompt': [msgs]})")
+    max_prompt_len: int = cfg(256, "prompts longer than this (tokens) are dropped")
+    true_reward: Optional[bool] = cfg(None, "log data.demo.true_reward of each response; None = only if every prompt file is in data/demo")
+    pretrain_files: list[str] = cfg([str(DEMO_DIR / "pretrain.jsonl")], "pretraining text ({'text'}) for the PPO-ptx LM loss")
+    heldout_files: list[str] = cfg([str(DEMO_DIR / "pretrain_heldout.jsonl")], "held-out pretraining text: the alignment tax")
+    ptx_seq_len: int = cfg(256, "tokens per packed pretraining row")
+    heldout_rows: int = cfg(32, "held-out rows (of ptx_seq_len tokens) scored for the alignment tax")
+    # --- rollout ---
+    engine: str = cfg("builtin", "'builtin' (KV-cache engine on the custom model) or 'vllm'")
+    rollout_batch_prompts: int = cfg(16, "prompts per PPO step; responses = prompts x samples_per_prompt")
+    samples_per_prompt: int = cfg(2, "responses sampled per prompt (sec. 3.2.2: two)")
+    temperature: float = cfg(1.0, "sampling temperature; the training log-probs divide by the same value")
+    top_p: float = cfg(0.9, "nucleus sampling (sec. 3.2.2: 0.9)")
+    max_new_tokens: int = cfg(64, "response length limit R; responses hitting it get eos_missing_penalty")
+    # --- rewards and KL ---
+    kl_coef: float = cfg(0.04, "KL penalty coefficient (sec. 3.2.2: 0.04); the start value when adaptive")
+    kl_adaptive: bool = cfg(False, "adapt the coefficient towards kl_target (Ziegler et al. 2019)")
+    kl_target: float = cfg(6.0, "adaptive KL: target KL per response (nats)")
+    kl_horizon: int = cfg(10000, "adaptive KL: horizon in responses")
+    kl_estimator: str = cfg("k1", "per-token KL in the reward: 'k1' (log ratio) or 'k3' (never negative)")
+    reward_norm_std: bool = cfg(False, "also divide the score by the running std (the mean is always subtracted)")
+    eos_missing_penalty: float = cfg(1.0, "subtracted from the normalised score of a response without a stop token")
+    # --- PPO ---
+    value_warmup_steps: int = cfg(50, "first steps that train only the value model, the policy frozen (sec. 3.2.2)")
+    ppo_epochs: int = cfg(1, "passes over each rollout batch")
+    num_mini_batches: int = cfg(1, "optimizer steps per PPO epoch (mini batch = responses / num_mini_batches)")
+    micro_batch_size: int = cfg(8, "responses per forward/backward")
+    clip: float = cfg(0.2, "PPO ratio clip")
+    value_clip: float = cfg(0.15, "value clip around the rollout-time values (sec. 3.2.2: 0.15)")
+    gamma: float = cfg(1.0, "GAE discount")
+    lam: float = cfg(0.95, "GAE lambda")
+    whiten_advantages: bool = cfg(True, "whiten advantages over the rollout batch (PITFALLS 8)")
+    ptx_coef: float = cfg(0.1, "PPO-ptx: weight of the LM loss on pretraining text; 0 = off")
+    ptx_rows: int = cfg(4, "pretraining rows per policy optimizer step")
+    # --- optimisation ---
+    policy_lr: float = cfg(1e-6, "policy learning rate (sec. 3.2.2: 1e-6)")
+    value_lr: float = cfg(5e-6, "value learning rate (sec. 3.2.2: 5e-6)")
+    betas: tuple[float, float] = cfg((0.9, 0.95), "AdamW betas")
+    weight_decay: float = cfg(0.0, "AdamW weight decay")
+    grad_clip: float = cfg(1.0, "max gradient norm per model; 0 = none")
+    precision: str = cfg("auto", "'auto' (bf16 on a GPU that has it, else fp32), 'bf16' or 'fp32'")
+    chunk_size: int = cfg(256, "rows of logits per chunk in the log-prob kernel")
+    # --- run ---
+    max_steps: int = cfg(200, "PPO steps (rollout + update)")
+    output_dir: str = cfg("runs/ppo", "checkpoints, metrics.jsonl, tb/, ppo.png and final/ (policy) go here")
+    tax_every: int = cfg(10, "measure the alignment tax every this many steps (also before and after)")
+    save_every: int = cfg(0, "checkpoint every this many steps; 0 = only at the end")
+    keep_last: int = cfg(1, "complete checkpoints kept")
+    resume: bool = cfg(True, "continue from the latest checkpoint in output_dir if there is one")
+    stop_at_step: Optional[int] = cfg(None, "checkpoint and stop after this step (time-limited jobs)")
+    seed: int = cfg(0, "seed for prompt order, sampling and mini-batch order")
+
+    def validate(self):
+        choices = {"engine": ("builtin", "vllm"), "kl_estimator": ("k1", "k3"),
+                   "tokenizer_mismatch": ("refuse", "retokenize"), "precision": ("auto", "bf16", "fp32")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
+        for name in ("max_prompt_len", "ptx_seq_len", "heldout_rows", "rollout_batch_prompts", "samples_per_prompt",
+                     "max_new_tokens", "ppo_epochs", "num_mini_batches", "micro_batch_size", "ptx_rows",
+                     "max_steps", "tax_every", "keep_last", "chunk_size", "kl_horizon"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        n = self.rollout_batch_prompts * self.samples_per_prompt
+        if n % self.num_mini_batches or (n // self.num_mini_batches) % self.micro_batch_size:
+            raise ConfigError(f"{n} responses per step (rollout_batch_prompts x samples_per_prompt) must split into "
+                              f"num_mini_batches ({self.num_mini_batches}) mini batches of whole micro batches "
+                              f"({self.micro_batch_size}); change one of them")
+        if not 0 < self.top_p <= 1 or self.temperature <= 0:
+            raise ConfigError(f"need 0 < top_p <= 1 and temperature > 0, got {self.top_p}, {self.temperature}")
+        if min(self.kl_coef, self.eos_missing_penalty, self.ptx_coef, self.value_warmup_steps, self.grad_clip) < 0:
+            raise ConfigError("kl_coef, eos_missing_penalty, ptx_coef, value_warmup_steps, grad_clip must be >= 0")
+        if self.policy_lr <= 0 or self.value_lr <= 0 or self.clip <= 0 or self.value_clip <= 0:
+            raise ConfigError("policy_lr, value_lr, clip and value_clip must be > 0")
+        if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
+            raise ConfigError(f"gamma and lam must be in [0, 1], got {self.gamma}, {self.lam}")
+        if not self.prompt_files:
+            raise ConfigError("prompt_files is empty: give at least one prompt file")
+        if self.ptx_coef > 0 and not self.pretrain_files:
+            raise ConfigError("ptx_coef > 0 needs pretrain_files (or set ptx_coef 0)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pieces used by the loop.
+
+def check_inputs(c: PPOConfig) -> None:
+    """Say which command makes a missing model folder, instead of a bare FileNotFoundError."""
+    makers = {"policy_path": "accelerate launch align/sft.py --config configs/sft.yaml",
+              "reward_path": "accelerate launch reward/train.py --config configs/reward_pmp.yaml, then "
+                             "--config configs/reward_ft.yaml"}
+    for name, cmd in makers.items():
+        path = Path(getattr(c, name))
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{name} {path}: no model folder there. Create it with `{cmd}` (or run the "
+                                    f"whole demo pipeline with `make demo`), or pass --{name} DIR")
+    for f in c.prompt_files + c.pretrain_files + c.heldout_files:
+        if not Path(f).is_file():
+            raise FileNotFoundError(f"data file {f} does not exist")
+
+
+def folder_tokenizer(name: str | None, folder: str):
+    """The tokenizer named in the config, else the one saved beside the model.
+
+    A folder is read as the fast tokenizer it holds (tokenizer.json): AutoTokenizer on a model folder follows
+    config.json's model_type to Qwen2Tokenizer, whose unk token <|endoftext|> makes that special token unusable."""
+    from transformers import PreTrainedTokenizerFast
+
+    from reward.model import load_tokenizer
+
+    name = name or folder
+    if name in ("qwen2", "small"):
+        return load_tokenizer(name)
+    if not (Path(name) / "tokenizer.json").is_file():
+        raise ConfigError(f"{name} has no tokenizer.json: pass --tokenizer / --reward_tokenizer (qwen2, small or a "
+                          f"tokenizer folder)")
+    return PreTrainedTokenizerFast.from_pretrained(name)
+
+
+def tokenizers_match(c: PPOConfig, tok, rtok) -> bool:
+    """PITFALLS 6: a reward model reading the policy's ids with another vocabulary scores garbage."""
+    from data.tokenizer import tokenizer_fingerprint
+
+    same = tokenizer_fingerprint(tok) == tokenizer_fingerprint(rtok)
+    if not same and c.tokenizer_mismatch == "refuse":
+        raise ConfigError(f"the policy tokenizer ({c.policy_path}) and the reward tokenizer ({c.reward_path}) differ; "
+                          f"use models trained with the same tokenizer, or --tokenizer_mismatch retokenize to score "
+                          f"the decoded text with the reward tokenizer")
+    return same
+
+
+def reward_sequences(prompt_ids, response_ids, messages, tok, rtok, same_tokenizer: bool) -> list[list[int]]:
+    """prompt + response + <|reward|> in the reward model's ids (re-rendered from decoded text if tokenizers differ)."""
+    from data.chatml import REWARD_TOKEN, special_id, tokenize_chat
+
+    rid = special_id(rtok, REWARD_TOKEN)  # a tokenizer without it: clear error naming the token
+    policy_rid = tok.convert_tokens_to_ids(REWARD_TOKEN)
+    response_ids = [[t for t in r if t != policy_rid] for r in response_ids]  # a sampled <|reward|> ends a row
+    if same_tokenizer:
+        return [p + r + [rid] for p, r in zip(prompt_ids, response_ids)]
+    out = []
+    for msgs, r in zip(messages, response_ids):
+        p = tokenize_chat(rtok, msgs, mask="none", add_generation_prompt=True).input_ids
+        out.append(p + rtok(tok.decode(r), add_special_tokens=False)["input_ids"] + [rid])
+    return out
+
+
+def rollout_tensors(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int) -> dict:
+    """Right-padded (N, T) input_ids / attention_mask / labels (next response token, data.chatml.shift_labels),
+    and (N, R) `pos` = the position whose logits predict response token r, with `mask` (N, R) on real tokens."""
+    from data.chatml import IGNORE_INDEX, shift_labels
+
+    seqs = [p + r for p, r in zip(prompt_ids, response_ids)]
+    T, R = max(map(len, seqs)), max(map(len, response_ids))
+    ids, att, labels, pos, mask = [], [], [], [], []
+    for p, r, s in zip(prompt_ids, response_ids, seqs):
+        pad = T - len(s)
+        ids.append(s + [pad_id] * pad)
+        att.append([1] * len(s) + [0] * pad)
+        labels.append(shift_labels(s, [0] * len(p) + [1] * len(r)) + [IGNORE_INDEX] * pad)
+        pos.append([len(p) - 1 + i for i in range(len(r))] + [0] * (R - len(r)))
+        mask.append([1.0] * len(r) + [0.0] * (R - len(r)))
+    t = {k: torch.tensor(v) for k, v in
+         dict(input_ids=ids, attention_mask=att, labels=labels, pos=pos, mask=mask).items()}
+    return t  # input_ids, attention_mask, labels (N, T); pos (N, R) int; mask (N, R) float
+
+
+def response_logprobs(model, batch: dict, temperature: float, chunk_size: int, entropy: bool = False):
+    """log pi(response tokens) (N, R) from a causal LM (and the entropies, no grad), at the sampler's temperature."""
+    from model.logprobs import causal_lm_logprobs
+
+    out = causal_lm_logprobs(model, batch["input_ids"], batch["labels"], batch["attention_mask"],
+                             temperature=temperature, chunk_size=chunk_size, return_entropy=entropy)
+    logp, ent = out if entropy else (out, None)  # (N, T)
+    take = lambda x: x.gather(1, batch["pos"]) * batch["mask"]  # noqa: E731  (N, R)
+    return (take(logp), take(ent)) if entropy else take(logp)
+
+
+def response_values(value_model, batch: dict) -> torch.Tensor:
+    """V(state before response token r) (N, R) from the value model's per-position head."""
+    return value_model(batch["input_ids"], attention_mask=batch["attention_mask"]).gather(1, batch["pos"]) \
+        * batch["mask"]
+
+
+def lm_loss(policy, rows: list[dict], pad_id: int, chunk_size: int, coef: float = 0.0) -> float:
+    """Token-mean NLL of packed text rows; with coef > 0 also backpropagates coef x NLL (PPO-ptx) through the fused
+    weighted_logprob_sum (gradient computed in the forward)."""
+    from data.chatml import IGNORE_INDEX
+    from data.datasets import collate
+    from model.logprobs import weighted_logprob_sum
+
+    dev = next(policy.parameters()).device
+    b = {k: v.to(dev) for k, v in collate(rows, pad_id).items()}
+    valid = (b["labels"] != IGNORE_INDEX).float()  # (B, T)
+    n = valid.sum().clamp(min=1)
+    with torch.set_grad_enabled(coef > 0):
+        hidden = policy.get_decoder()(b["input_ids"], b["attention_mask"], b["position_ids"])  # (B, T, H)
+        total = weighted_logprob_sum(hidden, policy.get_output_embeddings().weight, b["labels"],
+                                     -valid / n * (coef if coef > 0 else 1.0), chunk_size=chunk_size)
+        if coef > 0:
+            total.backward()
+    return float(total.detach()) / (coef if coef > 0 else 1.0)
+
+
+def heldout_loss(policy, rows, pad_id, chunk_size, batch: int = 8) -> float:
+    """Alignment tax probe: token-mean NLL over the held-out pretraining rows (no grad)."""
+    from data.chatml import IGNORE_INDEX
+
+    n_tok = [sum(t != IGNORE_INDEX for t in r["labels"]) for r in rows]
+    total = sum(lm_loss(policy, rows[s:s + batch], pad_id, chunk_size) * sum(n_tok[s:s + batch])
+                for s in range(0, len(rows), batch))
+    return total / max(sum(n_tok), 1)
+
+
+class OptimizerPair:
+    """Policy and value optimizers saved and restored as one checkpoint entry."""
+
+    def __init__(self, policy, value):
+        self.policy, self.value = policy, value
+
+    def state_dict(self):
+        return {"policy": self.policy.state_dict(), "value": self.value.state_dict()}
+
+    def load_state_dict(self, state):
+        self.policy.load_state_dict(state["policy"]), self.value.load_state_dict(state["value"])
+
+
+def load_data(c: PPOConfig, tok):
+    from data.datasets import build_prompt_examples, build_text_examples, load_records
+
+    prompts, reports = [], []
+    for f in c.prompt_files:
+        ex, report = build_prompt_examples(load_records(f, kind="prompt")[0], tok, c.max_prompt_len)
+        prompts += ex
+        reports.append(f"{f}: {report.summary()}")
+    text = lambda files: [r for f in files for r in build_text_examples(  # noqa: E731
+        load_records(f, kind="text")[0], tok, c.ptx_seq_len)]
+    ptx = text(c.pretrain_files) if c.ptx_coef > 0 else []
+    heldout = text(c.heldout_files)[:c.heldout_rows] if c.heldout_files else []
+    return prompts, ptx, heldout, "\n".join(reports)
+
+
+def load_models(c: PPOConfig, resume_dir: Path | None, device):
+    """policy (trainable), reference (frozen copy of SFT), reward (frozen), value (trainable, from the RM)."""
+    from model.checkpoint import load_causal_lm
+    from model.heads import ScalarHeadModel
+
+    policy = load_causal_lm(str(resume_dir / "model") if resume_dir else c.policy_path).to(device).train()
+    ref = load_causal_lm(c.policy_path).to(device).eval().requires_grad_(False)
+    reward = ScalarHeadModel.from_pretrained(c.reward_path).to(device).eval().requires_grad_(False)
+    value_dir = resume_dir / "value" if resume_dir else (c.value_path or c.reward_path)
+    value = ScalarHeadModel.from_pretrained(str(value_dir)).to(device).train()
+    return policy, ref, reward, value
+
+
+def build_engine(c: PPOConfig, policy, pad_id: int):
+    """rollout.make_engine; vLLM is imported only for engine 'vllm' (it loads the SFT folder, then gets synced)."""
+    from rollout import make_engine
+
+    if c.engine == "builtin":
+        return make_engine("builtin", policy, pad_id=pad_id)
+    return make_engine("vllm", policy, c.policy_path, max_model_len=c.max_prompt_len + c.max_new_tokens,
+                       seed=c.seed)
+
+
+def stop_ids(tok) -> list[int]:
+    """<|im_end|>, <|endoftext|>, then <|reward|> if the policy's vocabulary has it: a response must never contain
+    the token the reward model reads its score at (PITFALLS 5), so sampling it ends the row."""
+    from data.chatml import ENDOFTEXT, IM_END, REWARD_TOKEN, special_id
+
+    ids = [special_id(tok, IM_END), special_id(tok, ENDOFTEXT)]
+    try:
+        return ids + [special_id(tok, REWARD_TOKEN)]
+    except ValueError:
+        return ids
+
+
+def use_true_reward(c: PPOConfig) -> bool:
+    if c.true_reward is not None:
+        return c.true_reward
+    return all(Path(f).resolve().parent == DEMO_DIR for f in c.prompt_files)
+
+
+@dataclass
+class Run:
+    """Everything the phases share: the four models, optimizers, tokenizers, data, engine and running statistics."""
+    c: PPOConfig
+    acc: object
+    policy: torch.nn.Module
+    ref: torch.nn.Module
+    reward: torch.nn.Module
+    value: torch.nn.Module
+    opt: OptimizerPair
+    engine: object
+    tok: object
+    rtok: object
+    same_tokenizer: bool
+    pad_id: int
+    reward_pad_id: int
+    reward_id: int
+    stop_ids: list
+    prompts: list
+    ptx_rows: list
+    heldout_rows: list
+    kl_ctl: FixedKLController
+    reward_stats: RunningMeanStd
+    true_reward: bool
+    tax_start: float | None = None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def make_experience(run: Run, step: int) -> tuple[dict, dict]:
+    """Phases 1-4 for PPO step `step` (0-based): sample, score, recompute log-probs, shape rewards, GAE."""
+    from common.loop import mini_batch_rows
+    from rollout.base import SamplingParams
+
+    c, dev, t = run.c, run.acc.device, {}
+    # 1. rollout: prompts of this step are a function of (step, seed), so a resumed run samples the same ones
+    idx = mini_batch_rows(step, len(run.prompts), c.rollout_batch_prompts, c.seed)
+    params = SamplingParams(n=c.samples_per_prompt, temperature=c.temperature, top_p=c.top_p,
+                            max_tokens=c.max_new_tokens, stop_token_ids=run.stop_ids, seed=c.seed * 100003 + step)
+    t0 = time.perf_counter()
+    ro = run.engine.generate([run.prompts[i]["prompt_ids"] for i in idx], params)
+    t["time_rollout"] = time.perf_counter() - t0
+    messages = [run.prompts[idx[i]]["messages"] for i in ro.prompt_index]
+    N = len(ro.response_ids)
+    if any(len(r) == 0 for r in ro.response_ids):
+        raise RuntimeError("the engine returned an empty response; max_new_tokens must be >= 1")
+
+    # 2. score: reward model at <|reward|> (raw score); the demo's checkable true reward where there is one
+    from reward.model import pad_sequences, score
+
+    t0 = time.perf_counter()
+    b = {k: v.to(dev) for k, v in rollout_tensors(ro.prompt_ids, ro.response_ids, run.pad_id).items()}
+    mask = b["mask"]  # (N, R)
+    with torch.no_grad(), run.acc.autocast():
+        seqs = reward_sequences(ro.prompt_ids, ro.response_ids, messages, run.tok, run.rtok, run.same_tokenizer)
+        scores = []
+        for s in range(0, N, c.micro_batch_size):
+            ids, att = pad_sequences(seqs[s:s + c.micro_batch_size], run.reward_pad_id)  # (n, T')
+            scores.append(score(run.reward, ids.to(dev), att.to(dev), run.reward_id))
+        rm_score = torch.cat(scores).float()  # (N,)
+        # 3. old / reference log-probs and values from the training models on the sampled tokens
+        parts = []
+        for s in range(0, N, c.micro_batch_size):
+            mb = {k: v[s:s + c.micro_batch_size] for k, v in b.items()}
+            old, ent = response_logprobs(run.policy, mb, c.temperature, c.chunk_size, entropy=True)
+            parts.append((old, ent, response_logprobs(run.ref, mb, c.temperature, c.chunk_size),
+                          response_values(run.value, mb)))
+        old_logp, entropy, ref_logp, values = (torch.cat(x).float() for x in zip(*parts))  # each (N, R)
+    t["time_score"] = time.perf_counter() - t0
+
+    # 4. KL-shaped rewards (score minus the running mean, sec. 3.2.2), GAE, whitened advantages
+    # ended with <|im_end|> / <|endoftext|>; a sampled <|reward|> also stops a row, but counts as no EOS
+    has_eos = torch.tensor([f == "stop" and r[-1] in run.stop_ids[:2] for f, r in
+                            zip(ro.finish_reason, ro.response_ids)], device=dev)  # (N,)
+    run.reward_stats.update(rm_score)
+    norm_score = run.reward_stats.normalise(rm_score, use_std=c.reward_norm_std)
+    kl = kl_penalty(old_logp, ref_logp, c.kl_estimator)  # (N, R)
+    rewards = shape_rewards(norm_score, kl, mask, run.kl_ctl.value, has_eos, c.eos_missing_penalty)
+    adv, returns = gae(rewards, values, mask, c.gamma, c.lam)
+    if c.whiten_advantages:
+        adv = whiten(adv, mask)
+    gap = (old_logp - torch.tensor([x + [0.0] * (mask.shape[1] - len(x)) for x in ro.sampler_logprobs],
+                                   device=dev)).abs() * mask
+    seq_sum = lambda x: float((x * mask).sum(-1).mean())  # noqa: E731  mean over responses of a per-response sum
+    m = {"rm_score": float(rm_score.mean()), "score_normalised": float(norm_score.mean()),
+         "kl_k1": seq_sum(kl_penalty(old_logp, ref_logp, "k1")), "kl_k3": seq_sum(kl_penalty(old_logp, ref_logp, "k3")),
+         "kl_coef": run.kl_ctl.value, "entropy": float(token_mean(entropy, mask)),
+         "response_length": float(mask.sum(-1).mean()), "eos_rate": float(has_eos.float().mean()),
+         "returns_mean": float(token_mean(returns, mask)), "values_mean": float(token_mean(values, mask)),
+         "logprob_gap_max": float(gap.max()), "logprob_gap_mean": float(gap.sum() / mask.sum()), **t}
+    if run.true_reward:
+        from data.demo import true_reward
+
+        m["true_reward"] = sum(true_reward(msgs, run.tok.decode(r, skip_special_tokens=True))
+                               for msgs, r in zip(messages, ro.response_ids)) / N
+    exp = dict(b, old_logp=old_logp, values=values, advantages=adv, returns=returns)
+    return exp, m
+
+
+def ppo_update(run: Run, exp: dict, step: int) -> dict:
+    """Phase 5: PPO epochs over shuffled mini batches; policy (+ ptx) only after the value warmup."""
+    from common.guard import check_finite
+    from common.loop import mini_batch_rows
+
+    c, N = run.c, exp["mask"].shape[0]
+    warmup = step < c.value_warmup_steps  # sec. 3.2.2: the value model learns first, the policy stays frozen
+    mini = N // c.num_mini_batches
+    sums: dict[str, float] = {}
+    n_updates = 0
+    for epoch in range(c.ppo_epochs):
+        order = torch.randperm(N, generator=torch.Generator().manual_seed(c.seed * 7919 + step * 131 + epoch))
+        for k in range(c.num_mini_batches):
+            rows = order[k * mini:(k + 1) * mini]
+            n_tok = float(exp["mask"][rows].sum())  # token_mean over the whole MINI batch, not per micro batch
+            stats: dict[str, float] = {}
+            for s in range(0, mini, c.micro_batch_size):
+                mb = {key: v[rows[s:s + c.micro_batch_size].to(v.device)] for key, v in exp.items()}
+                with run.acc.autocast():
+                    v_new = response_values(run.value, mb)  # (n, R)
+                    vl, vstats = value_loss(v_new.float(), mb["values"], mb["returns"], mb["mask"], c.value_clip,
+                                            total=n_tok)
+                    loss, add = vl, {"value_loss": vl.item(), **{k2: x.item() * len(mb["mask"]) / mini
+                                                                 for k2, x in vstats.items()}}
+                    if not warmup:
+                        logp = response_logprobs(run.policy, mb, c.temperature, c.chunk_size)  # (n, R)
+                        pl, pstats = ppo_policy_loss(logp.float(), mb["old_logp"], mb["advantages"], mb["mask"],
+                                                     c.clip, total=n_tok)
+                        loss = loss + pl
+                        add |= {"policy_loss": pl.item(), **{k2: x.item() * len(mb["mask"]) / mini
+                                                             for k2, x in pstats.items()}}
+                check_finite(step + 1, {"loss": loss})
+                loss.backward()
+                for k2, x in add.items():
+                    stats[k2] = stats.get(k2, 0.0) + x
+            if not warmup and c.ptx_coef > 0:  # PPO-ptx: coef x LM loss on a pretraining batch (InstructGPT)
+                ptx_step = (step * c.ppo_epochs + epoch) * c.num_mini_batches + k
+                rows_ptx = [run.ptx_rows[i] for i in mini_batch_rows(ptx_step, len(run.ptx_rows), c.ptx_rows, c.seed)]
+                stats["ptx_loss"] = lm_loss(run.policy, rows_ptx, run.pad_id, c.chunk_size, coef=c.ptx_coef)
+            stats |= optimizer_steps(run, warmup, step)
+            for k2, x in stats.items():
+                sums[k2] = sums.get(k2, 0.0) + x
+            n_updates += 1
+    return {k2: x / n_updates for k2, x in sums.items()} | {"value_warmup": float(warmup)}
+
+
+def optimizer_steps(run: Run, warmup: bool, step: int) -> dict:
+    """NaN guard on the gradient norms, clip, step the value optimizer (and the policy's after warmup)."""
+    from common.guard import check_finite
+
+    clip = run.c.grad_clip if run.c.grad_clip > 0 else math.inf
+    out = {"value_grad_norm": float(torch.nn.utils.clip_grad_norm_(run.value.parameters(), clip))}
+    if not warmup:
+        out["policy_grad_norm"] = float(torch.nn.utils.clip_grad_norm_(run.policy.parameters(), clip))
+    check_finite(step + 1, out)
+    run.opt.value.step(), run.opt.value.zero_grad(set_to_none=True)
+    if not warmup:
+        run.opt.policy.step()
+    run.opt.policy.zero_grad(set_to_none=True)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def setup(c: PPOConfig) -> tuple[Run, int, Path | None]:
+    """Accelerator, seeds, tokenizers (mismatch check), data, the four models, engine, optimizers, resume state."""
+    import random
+
+    import numpy as np
+
+    from common.checkpoint import latest_checkpoint, load_checkpoint_state, set_rng_state
+    from common.loop import make_accelerator
+    from common.optim import build_adamw
+    from data.chatml import REWARD_TOKEN, special_id
+
+    check_inputs(c)
+    acc = make_accelerator(c.precision, 1)
+    if acc.num_processes > 1:
+        raise ConfigError("align/ppo.py runs on one process for now; launch it with --num_processes 1")
+    resume_dir = latest_checkpoint(Path(c.output_dir) / "checkpoints") if c.resume else None
+    random.seed(c.seed), np.random.seed(c.seed), torch.manual_seed(c.seed)
+    tok, rtok = folder_tokenizer(c.tokenizer, c.policy_path), folder_tokenizer(c.reward_tokenizer, c.reward_path)
+    same = tokenizers_match(c, tok, rtok)
+    pad = lambda t: t.pad_token_id if t.pad_token_id is not None else t.eos_token_id  # noqa: E731
+    prompts, ptx, heldout, report = load_data(c, tok)
+    if len(prompts) < c.rollout_batch_prompts:
+        raise ConfigError(f"{c.prompt_files}: {len(prompts)} usable prompts, fewer than rollout_batch_prompts "
+                          f"({c.rollout_batch_prompts})")
+    policy, ref, reward, value = load_models(c, resume_dir, acc.device)
+    opt = OptimizerPair(build_adamw(policy, c.policy_lr, c.betas, 1e-8, c.weight_decay),
+                        build_adamw(value, c.value_lr, c.betas, 1e-8, c.weight_decay))
+    kl_ctl = AdaptiveKLController(c.kl_coef, c.kl_target, c.kl_horizon) if c.kl_adaptive else \
+        FixedKLController(c.kl_coef)
+    run = Run(c, acc, policy, ref, reward, value, opt, build_engine(c, policy, pad(tok)), tok, rtok, same, pad(tok),
+              pad(rtok), special_id(rtok, REWARD_TOKEN), stop_ids(tok),
+              prompts, ptx, heldout, kl_ctl, RunningMeanStd(), use_true_reward(c))
+    start = 0
+    if resume_dir is not None:  # exact resume: weights above, then optimizers, statistics and RNG state
+        state = load_checkpoint_state(resume_dir)
+        opt.load_state_dict(state["optimizer"])
+        ts = state["train_state"]
+        if ts["n_prompts"] != len(prompts):
+            raise ValueError(f"{resume_dir}: saved with {ts['n_prompts']} prompts, the data now gives "
+                             f"{len(prompts)}; resume with the same data or use a new output_dir")
+        start, run.tax_start = ts["step"], ts["tax_start"]
+        kl_ctl.load_state_dict(ts["kl_ctl"]), run.reward_stats.load_state_dict(ts["reward_stats"])
+        set_rng_state(state["rng_states"][0])
+    if acc.is_main_process:
+        save_config(c, Path(c.output_dir) / "config.yaml")
+        print(f"[ppo] {report}\n[ppo] {len(prompts)} prompts, {len(ptx)} ptx rows, {len(heldout)} held-out rows, "
+              f"{c.rollout_batch_prompts * c.samples_per_prompt} responses/step, steps {start}->{c.max_steps}, "
+              f"engine {c.engine}, tokenizers {'equal' if same else 'differ: re-tokenising'}, resume from "
+              f"{resume_dir}", flush=True)
+    return run, start, resume_dir
+
+
+def checkpoint(run: Run, step: int):
+    from common.loop import save_run_checkpoint
+    from model.checkpoint import save_causal_lm
+
+    def write_models(d: Path):
+        save_causal_lm(run.policy, d, run.tok)
+        run.value.save_pretrained(d.parent / "value")  # inside the same atomic checkpoint folder
+    state = {"step": step, "n_prompts": len(run.prompts), "tax_start": run.tax_start,
+             "kl_ctl": run.kl_ctl.state_dict(), "reward_stats": run.reward_stats.state_dict()}
+    return save_run_checkpoint(run.acc, Path(run.c.output_dir) / "checkpoints", step, write_models, run.opt, None,
+                               state, run.c.keep_last)
+
+
+def train(c: PPOConfig) -> list[dict]:
+    """Run PPO as configured; returns the metrics of the steps run by this call."""
+    from tqdm.auto import tqdm
+
+    from common.metrics import MetricsLogger, plot_metrics
+
+    run, start, resume_dir = setup(c)
+    out = Path(c.output_dir)
+    log = MetricsLogger(out, enabled=run.acc.is_main_process, resume_step=start if resume_dir else None)
+    tax = lambda: heldout_loss(run.policy, run.heldout_rows, run.pad_id, c.chunk_size)  # noqa: E731
+    if run.heldout_rows and run.tax_start is None:  # the alignment tax before PPO
+        run.tax_start = tax()
+        log.log(0, {"heldout_lm_loss": run.tax_start, "alignment_tax": 0.0})
+    stop = min(c.max_steps, c.stop_at_step or c.max_steps)
+    history, synced = [], start > 0
+    bar = tqdm(total=c.max_steps, initial=start, desc="ppo", disable=not run.acc.is_main_process, dynamic_ncols=True)
+    for step in range(start, stop):
+        t0 = time.perf_counter()
+        sync_s = run.engine.sync_weights(run.policy) if synced else 0.0  # 1. new weights into the engine
+        exp, m = make_experience(run, step)  # 1-4
+        t1 = time.perf_counter()
+        m |= ppo_update(run, exp, step)  # 5
+        synced = not m["value_warmup"]  # the policy moved: the engine needs its weights before the next rollout
+        run.kl_ctl.update(m["kl_k1"], c.rollout_batch_prompts * c.samples_per_prompt)
+        dt = time.perf_counter() - t0
+        m |= {"time_sync": sync_s, "time_train": time.perf_counter() - t1, "time_step": dt,
+              "sync_share": sync_s / dt, "episodes_per_s": len(exp["mask"]) / dt}
+        if run.heldout_rows and ((step + 1) % c.tax_every == 0 or step + 1 == c.max_steps):  # 6. alignment tax
+            m["heldout_lm_loss"] = tax()
+            m["alignment_tax"] = m["heldout_lm_loss"] - run.tax_start
+        log.log(step + 1, m)
+        history.append(m)
+        bar.update(1)
+        bar.set_postfix(rm=f"{m['rm_score']:.3f}", kl=f"{m['kl_k3']:.3f}", v=f"{m['value_loss']:.3f}")
+        if (c.save_every and (step + 1) % c.save_every == 0) or step + 1 == stop:
+            checkpoint(run, step + 1)
+    bar.close()
+    if stop == c.max_steps and run.acc.is_main_process:
+        from model.checkpoint import save_causal_lm
+
+        save_causal_lm(run.policy, out / "final", run.tok)
+        keys = [k for k in ("true_reward", "rm_score", "kl_k3", "value_loss", "policy_loss", "entropy",
+                            "response_length", "alignment_tax") if any(k in r for r in history)]
+        plot_metrics(out / "metrics.jsonl", out / "ppo.png", keys, title="PPO")
+        print(f"[ppo] done: policy in {out / 'final'}, curves in {out / 'ppo.png'}", flush=True)
+    log.close()
+    return history
+
+
+def main(argv: list[str] | None = None) -> None:
+    train(parse_config(PPOConfig, argv))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
