@@ -19,7 +19,12 @@ from rollout.base import Rollout
 
 
 class SyncTimeout(TimeoutError):
-    """A weight sync did not finish in time; the engine's weights are in an unknown state."""
+    """A weight sync did not finish in time; the engine's weights are in an unknown state. `thread` is the sync
+    still running in the background (join it before trusting the engine again)."""
+
+    def __init__(self, message: str, thread: threading.Thread | None = None):
+        super().__init__(message)
+        self.thread = thread
 
 
 class GreedyMismatch(AssertionError):
@@ -101,7 +106,7 @@ def run_with_timeout(fn, timeout_s: float, what: str) -> float:
     thread.join(timeout_s)
     if thread.is_alive():
         raise SyncTimeout(f"{what} did not finish within {timeout_s:g} s; the engine's weights are now in an unknown "
-                          "state (raise sync_timeout_s if the model is large, or check the engine's log)")
+                          "state (raise sync_timeout_s if the model is large, or check the engine's log)", thread)
     if "error" in box:
         raise RuntimeError(f"{what} failed: {box['error']!r}") from box["error"]
     return time.perf_counter() - t0
