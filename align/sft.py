@@ -31,11 +31,11 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 @dataclass
 class SFTConfig:
     # --- model ---
-    model_path: Optional[str] = cfg(None, "HF causal-LM folder to start from (Qwen2ForCausalLM, or any causal LM with model_impl=hf)")
-    init_config: Optional[str] = cfg(None, "instead of model_path: a Qwen2 config.json to build a randomly initialised custom model (demos, no hub)")
+    model_path: Optional[str] = cfg(None, "HF causal-LM folder to start from (Qwen2; any causal LM with model_impl=hf)")
+    init_config: Optional[str] = cfg(None, "or: a Qwen2 config.json for a randomly initialised model (demos)")
     model_impl: str = cfg("custom", "'custom' = model.qwen (Qwen2 folders), 'hf' = transformers AutoModelForCausalLM")
     tokenizer: str = cfg("qwen2", "'qwen2' (real Qwen2 BPE), 'small' (tiny test BPE) or a tokenizer folder")
-    dropout: float = cfg(0.0, "attention + residual dropout while training (the report used 0.1; hf models: attention only)")
+    dropout: float = cfg(0.0, "train-time dropout (report: 0.1; hf models: attention only)")
     gradient_checkpointing: bool = cfg(False, "recompute activations in the backward to save memory")
     # --- LoRA (peft) ---
     lora_r: int = cfg(0, "LoRA rank; 0 = full finetuning")
@@ -68,7 +68,7 @@ class SFTConfig:
     save_every: int = cfg(0, "checkpoint every this many steps; 0 = only at the end")
     keep_last: int = cfg(1, "complete checkpoints kept")
     resume: bool = cfg(True, "continue from the latest checkpoint in output_dir if there is one")
-    stop_at_step: Optional[int] = cfg(None, "checkpoint and stop after this step (time-limited jobs); the LR schedule still spans max_steps")
+    stop_at_step: Optional[int] = cfg(None, "checkpoint and stop after this step; the LR schedule still spans max_steps")
     log_every: int = cfg(1, "log metrics every this many steps")
     seed: int = cfg(0, "seed for data order, model init and dropout")
 
@@ -297,14 +297,16 @@ def train(c: SFTConfig) -> list[float]:
         # 6. NaN guard, clip, step, log, checkpoint
         check_finite(step + 1, {"loss": loss}, last_ckpt)
         grad_norm = acc.clip_grad_norm_(model.parameters(), c.grad_clip if c.grad_clip > 0 else math.inf)
-        check_finite(step + 1, {"grad_norm": grad_norm}, last_ckpt)
+        if grad_norm is not None:  # None under DeepSpeed before its first step (it clips internally)
+            check_finite(step + 1, {"grad_norm": grad_norm}, last_ckpt)
         lr = scheduler.get_last_lr()[0]
         optimizer.step(), scheduler.step(), optimizer.zero_grad(set_to_none=True)
         losses.append(loss)
         dt = time.perf_counter() - t0
         if (step + 1) % c.log_every == 0 or step + 1 == stop:
-            log.log(step + 1, {"loss": loss, "lr": lr, "grad_norm": float(grad_norm), "learned_tokens": n_tok,
-                               "tokens_per_s": float(stats[1]) / dt})
+            gn = float("nan") if grad_norm is None else float(grad_norm)
+            log.log(step + 1, {"loss": loss, "lr": lr, "grad_norm": gn, "learned_tokens": n_tok,
+                               "tokens_per_s": float(stats[1]) / dt, "step_s": dt})
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
         if (c.save_every and (step + 1) % c.save_every == 0) or step + 1 == stop:

@@ -54,8 +54,19 @@ def make_accelerator(precision: str, grad_accum: int):
     independent single-process runs."""
     from accelerate import Accelerator  # lazy: importing accelerate is slow
 
-    return Accelerator(mixed_precision=resolve_precision(precision), gradient_accumulation_steps=grad_accum,
-                       cpu=not torch.cuda.is_available())
+    from common.config import ConfigError
+
+    acc = Accelerator(mixed_precision=resolve_precision(precision), gradient_accumulation_steps=grad_accum,
+                      cpu=not torch.cuda.is_available())
+    if acc.gradient_accumulation_steps != grad_accum:  # accelerate lets its env / DeepSpeed config win silently
+        raise ConfigError(f"the accelerate config sets gradient_accumulation_steps={acc.gradient_accumulation_steps}"
+                          f" but the run config says grad_accum_steps={grad_accum}; remove it from the accelerate "
+                          f"/ DeepSpeed config (the run config owns batch sizes)")
+    ds = getattr(acc.state, "deepspeed_plugin", None)
+    if ds is not None and ds.zero_stage == 3:
+        raise ConfigError("ZeRO-3 shards the parameters and these trainers do not gather them for the HF checkpoint "
+                          "yet; use configs/accelerate/zero2.yaml (or multi_gpu.yaml)")
+    return acc
 
 
 def save_run_checkpoint(accelerator, root: str | Path, step: int, save_model: Callable[[Path], None], optimizer,

@@ -218,14 +218,16 @@ def train(c: RewardConfig) -> list[float]:
         # 6. NaN guard, clip, step, log, checkpoint
         check_finite(step + 1, {"loss": loss_val}, last_ckpt)
         grad_norm = acc.clip_grad_norm_(model.parameters(), c.grad_clip if c.grad_clip > 0 else math.inf)
-        check_finite(step + 1, {"grad_norm": grad_norm}, last_ckpt)
+        if grad_norm is not None:  # None under DeepSpeed before its first step (it clips internally)
+            check_finite(step + 1, {"grad_norm": grad_norm}, last_ckpt)
         lr = scheduler.get_last_lr()[0]
         optimizer.step(), scheduler.step(), optimizer.zero_grad(set_to_none=True)
         losses.append(loss_val)
         if (step + 1) % c.log_every == 0 or step + 1 == stop:
             tps = float(sums[3]) / (time.perf_counter() - t0)
+            gn = float("nan") if grad_norm is None else float(grad_norm)
             log.log(step + 1, {"loss": loss_val, "accuracy": acc_val, "margin": margin_val, "lr": lr,
-                               "grad_norm": float(grad_norm), "tokens_per_s": tps})
+                               "grad_norm": gn, "tokens_per_s": tps, "step_s": time.perf_counter() - t0})
         if c.eval_every and (step + 1) % c.eval_every == 0 and step + 1 < total:
             run_eval(step + 1)
         bar.update(1)

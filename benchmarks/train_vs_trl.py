@@ -1,0 +1,184 @@
+"""Our SFT and reward-model training vs TRL 1.16's SFTTrainer and RewardTrainer, side by side in one run.
+
+    python benchmarks/train_vs_trl.py [--steps 8] [--batch 4] [--hidden 128] [--out runs/bench_trl]
+
+Same tiny Qwen2 (2 layers, the real 151,936-token vocabulary, random weights), same tokenizer (the real Qwen2 BPE),
+same records (data/demo/sft.jsonl, data/demo/rm_train.jsonl), same batch size and sequence length, no packing,
+fp32 on CPU, AdamW. Each trainer runs in its own subprocess, so peak RSS (resource.getrusage ru_maxrss: the process's
+high-water mark, imports and model included) is comparable. Throughput = non-pad tokens / seconds over the optimizer
+steps after the first (which pays one-time costs). Keep it to a few steps: it shares the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULT = "RESULT "
+
+
+def prepare(out: Path, hidden: int, n_records: int) -> None:
+    """The shared tiny model folder (transformers Qwen2ForCausalLM + Qwen2 tokenizer) and the record subsets."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from data.tokenizer import qwen2_tokenizer
+
+    tok = qwen2_tokenizer()
+    cfg = Qwen2Config(vocab_size=151936, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                      tie_word_embeddings=True, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+                      pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(cfg).save_pretrained(out / "model")
+    tok.save_pretrained(out / "model")
+    for name in ("sft", "rm_train"):
+        lines = (REPO / "data" / "demo" / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()[:n_records]
+        (out / f"{name}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def tokens_per_s(step_tokens: list[int], step_seconds: list[float]) -> float:
+    """Throughput over the steps after the first (one-time costs: allocator warm-up, lazy init)."""
+    return sum(step_tokens[1:]) / sum(step_seconds[1:])
+
+
+def run_ours(kind: str, out: Path, steps: int, batch: int, seq_len: int) -> dict:
+    from common.config import build_config
+    from common.metrics import read_jsonl
+
+    common = dict(tokenizer=str(out / "model"), seq_len=seq_len, micro_batch_size_per_rank=batch,
+                  grad_accum_steps=1, max_steps=steps, precision="fp32", resume=False, lr=1e-5,
+                  output_dir=str(out / f"ours_{kind}"))
+    if kind == "sft":
+        from align.sft import SFTConfig, train
+
+        c = build_config(SFTConfig, dict(common, model_path=str(out / "model"), train_files=[str(out / "sft.jsonl")],
+                                         packing=False, warmup_steps=0))
+    else:
+        from reward.train import RewardConfig, train
+
+        c = build_config(RewardConfig, dict(common, model_path=str(out / "model"), eval_files=[],
+                                            norm_files=[str(out / "rm_train.jsonl")], norm_max_pairs=batch,
+                                            train_files=[str(out / "rm_train.jsonl")]))
+    train(c)
+    rows = read_jsonl(Path(c.output_dir) / "metrics.jsonl")
+    return {"tokens": [r["tokens_per_s"] * r["step_s"] for r in rows], "seconds": [r["step_s"] for r in rows],
+            "loss": [r["loss"] for r in rows]}
+
+
+def run_trl(kind: str, out: Path, steps: int, batch: int, seq_len: int) -> dict:
+    import torch
+    from datasets import load_dataset
+    from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
+                              TrainerCallback)
+
+    tok = AutoTokenizer.from_pretrained(out / "model")
+    record: dict = {"tokens": [], "seconds": [], "loss": []}
+
+    class StepTimer(TrainerCallback):  # wall time of each optimizer step (forward, backward, clip, AdamW)
+        def on_step_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            record["seconds"].append(time.perf_counter() - self.t0)
+
+    def counting(trainer_cls):
+        class Counting(trainer_cls):  # count the non-pad tokens each step feeds the model
+            def training_step(self, model, inputs, *a, **k):
+                mask = inputs.get("attention_mask")
+                record["tokens"].append(int(mask.sum()) if mask is not None else
+                                        int((inputs["input_ids"] != tok.pad_token_id).sum()))
+                loss = super().training_step(model, inputs, *a, **k)
+                record["loss"].append(float(loss))
+                return loss
+        return Counting
+
+    common = dict(output_dir=str(out / f"trl_{kind}"), per_device_train_batch_size=batch, max_steps=steps,
+                  learning_rate=1e-5, use_cpu=True, report_to=[], save_strategy="no", logging_steps=1,
+                  max_length=seq_len, dataloader_num_workers=0, seed=0, bf16=False)
+    if kind == "sft":
+        from trl import SFTConfig, SFTTrainer
+
+        ds = load_dataset("json", data_files=str(out / "sft.jsonl"), split="train")
+        model = AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float32)
+        trainer = counting(SFTTrainer)(model=model, args=SFTConfig(**common, packing=False), train_dataset=ds,
+                                       processing_class=tok, callbacks=[StepTimer()])
+    else:
+        from trl import RewardConfig, RewardTrainer
+
+        ds = load_dataset("json", data_files=str(out / "rm_train.jsonl"), split="train")
+        model = AutoModelForSequenceClassification.from_pretrained(out / "model", num_labels=1, dtype=torch.float32)
+        model.config.pad_token_id = tok.pad_token_id
+        trainer = counting(RewardTrainer)(model=model, args=RewardConfig(**common), train_dataset=ds,
+                                          processing_class=tok, callbacks=[StepTimer()])
+    trainer.train()
+    return record
+
+
+def worker(name: str, out: Path, steps: int, batch: int, seq_len: int) -> None:
+    who, kind = name.split("_", 1)
+    rec = (run_ours if who == "ours" else run_trl)(kind, out, steps, batch, seq_len)
+    rec["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    rec["tokens_per_s"] = tokens_per_s(rec["tokens"], rec["seconds"])
+    print(RESULT + json.dumps(rec), flush=True)
+
+
+def spawn(name: str, args) -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, __file__, "--worker", name, "--out", args.out, "--steps", str(args.steps),
+           "--batch", str(args.batch), "--seq_len", str(args.seq_len)]
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT)]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"{name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len(RESULT):])
+
+
+def table(results: dict) -> str:
+    lines = ["| task | trainer | tokens/s | peak RSS (MB) | first / last loss |", "|---|---|---|---|---|"]
+    for task in ("sft", "rm"):
+        for who in ("ours", "trl"):
+            r = results[f"{who}_{task}"]
+            lines.append(f"| {task} | {'ours' if who == 'ours' else 'TRL 1.16'} | {r['tokens_per_s']:.0f} | "
+                         f"{r['peak_rss_mb']:.0f} | {r['loss'][0]:.3f} / {r['loss'][-1]:.3f} |")
+        o, t = results[f"ours_{task}"], results[f"trl_{task}"]
+        lines.append(f"| {task} | ours / TRL | {o['tokens_per_s'] / t['tokens_per_s']:.2f}x | "
+                     f"{o['peak_rss_mb'] / t['peak_rss_mb']:.2f}x | |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=8, help="optimizer steps per trainer (the first is not timed)")
+    p.add_argument("--batch", type=int, default=4, help="sequences (SFT) or pairs (RM) per optimizer step")
+    p.add_argument("--seq_len", type=int, default=512, help="max tokens per sequence")
+    p.add_argument("--hidden", type=int, default=128, help="hidden size of the tiny 2-layer Qwen2")
+    p.add_argument("--out", default="runs/bench_trl", help="work folder; results.json is written here")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    out = Path(args.out)
+    if args.worker:
+        return worker(args.worker, out, args.steps, args.batch, args.seq_len)
+    out.mkdir(parents=True, exist_ok=True)
+    prepare(out, args.hidden, n_records=args.steps * args.batch)
+    results = {}
+    for name in ("ours_sft", "trl_sft", "ours_rm", "trl_rm"):
+        print(f"[bench] running {name} ...", flush=True)
+        results[name] = spawn(name, args)
+    from common.atomic import atomic_write_json
+
+    atomic_write_json(out / "results.json", {"args": vars(args), "results": results})
+    print(table(results))
+    print(f"[bench] {args.steps} steps x batch {args.batch}, seq_len {args.seq_len}, vocab 151,936, hidden "
+          f"{args.hidden}; tokens/s excludes step 1; details in {out / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()
