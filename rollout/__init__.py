@@ -18,8 +18,10 @@ __all__ = ["Engine", "Rollout", "SamplingParams", "STOP", "LENGTH", "BuiltinEngi
 
 
 def make_engine(kind: str, model=None, model_dir=None, pad_id: int = 0, **kwargs) -> Engine:
-    """kind "builtin": BuiltinEngine(model, pad_id, **kwargs); kind "vllm": VLLMEngine(model_dir, **kwargs), which
-    needs the policy saved by model.checkpoint.save_causal_lm in model_dir and refuses configs vLLM cannot reproduce."""
+    """kind "builtin": BuiltinEngine(model, pad_id, **kwargs). kind "vllm": VLLMEngine(model_dir, **kwargs) on a
+    folder written by model.checkpoint.save_causal_lm (it refuses configs vLLM cannot reproduce); when `model` is
+    given it is synced in at once, so the engine holds the policy's weights even if they differ from the folder's
+    (resumed run, LoRA, other dtype)."""
     if kind == "builtin":
         if model is None:
             raise ValueError("make_engine('builtin') needs the policy model")
@@ -29,7 +31,10 @@ def make_engine(kind: str, model=None, model_dir=None, pad_id: int = 0, **kwargs
             raise ValueError("make_engine('vllm') needs model_dir: a folder written by model.checkpoint.save_causal_lm")
         from rollout.vllm_engine import VLLMEngine
 
-        return VLLMEngine(model_dir, **kwargs)
+        engine = VLLMEngine(model_dir, **kwargs)
+        if model is not None:
+            engine.sync_weights(model)
+        return engine
     raise ValueError(f"unknown rollout engine kind {kind!r}; expected 'vllm' or 'builtin'")
 
 

@@ -15,7 +15,7 @@ reports log_softmax of the raw logits at the argmax, as the built-in engine does
 Seeds: params.seed + prompt index seeds each prompt's request, so rollouts are reproducible; vLLM and the built-in
 engine use different random streams, so the same seed gives different samples in the two engines. On CPU vLLM's
 sampler also draws from torch's global RNG each step (and the engine start seeds it); the start restores the
-caller's RNG state so creating an engine does not disturb a trainer's seeded run.
+caller's RNG state so creating an engine does not disturb a trainer's seeded run, and its torch thread count.
 """
 
 from __future__ import annotations
@@ -100,12 +100,17 @@ class VLLMEngine:
         if on_gpu:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         kwargs.update(llm_kwargs)
-        rng, threads = _rng_state(), torch.get_num_threads()
+        rng, threads, set_threads = _rng_state(), torch.get_num_threads(), torch.set_num_threads
         from vllm import LLM
 
-        self.llm = LLM(**kwargs)
-        _set_rng_state(rng)
-        torch.set_num_threads(threads)  # vLLM lowers it to 1 for serving; the trainer shares this process
+        try:
+            self.llm = LLM(**kwargs)
+        finally:
+            # The trainer shares this process: vLLM's CPU worker lowers torch to 1 thread and replaces
+            # torch.set_num_threads by a no-op; give the caller back its thread count, setter and RNG state.
+            torch.set_num_threads = set_threads
+            torch.set_num_threads(threads)
+            _set_rng_state(rng)
 
     def _check_usable(self):
         if self._pending is not None and self._pending.is_alive():

@@ -46,8 +46,24 @@ def engine(tmp_path_factory, small_tok):
     torch.set_num_threads(1)  # tiny models: one thread is much faster on shared cores
     folder = tmp_path_factory.mktemp("vllm") / "policy"
     save_causal_lm(tiny(seed=0), folder, tokenizer=small_tok)
-    yield make_engine("vllm", model_dir=folder, max_model_len=256, sync_timeout_s=60)
+    torch.manual_seed(123)
+    rng = torch.get_rng_state()
+    engine = make_engine("vllm", model_dir=folder, max_model_len=256, sync_timeout_s=60)
+    START.update(rng_kept=torch.equal(rng, torch.get_rng_state()), threads=torch.get_num_threads())
+    yield engine
     torch.set_num_threads(n_threads)
+
+
+START = {}  # what the engine start left of the caller's process state
+
+
+def test_engine_start_leaves_the_callers_rng_and_threads(engine):
+    """In-process vLLM seeds torch's RNG and, on CPU, sets 1 thread and disables torch.set_num_threads; a trainer
+    shares the process, so the engine start must hand all three back."""
+    assert START == {"rng_kept": True, "threads": 1}
+    torch.set_num_threads(2)
+    assert torch.get_num_threads() == 2
+    torch.set_num_threads(1)
 
 
 def test_greedy_equals_builtin_engine(engine, prompts):
