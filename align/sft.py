@@ -224,7 +224,7 @@ def train(c: SFTConfig) -> list[float]:
     from data.datasets import collate
 
     # 1. accelerator, seed, resume point
-    acc = make_accelerator(c.precision, c.grad_accum_steps)
+    acc = make_accelerator(c.precision, c.grad_accum_steps, c.micro_batch_size_per_rank)
     out, W, rank = Path(c.output_dir), acc.num_processes, acc.process_index
     ckpt_root = out / "checkpoints"
     resume_dir = latest_checkpoint(ckpt_root) if c.resume else None
@@ -262,7 +262,7 @@ def train(c: SFTConfig) -> list[float]:
     if acc.is_main_process:
         save_config(c, out / "config.yaml")
         print(f"[sft] {report}\n[sft] {len(rows)} rows, mini batch {mini}, steps {start}->{total}, ranks {W}, "
-              f"precision {acc.mixed_precision}, resume from {resume_dir}", flush=True)
+              f"precision {acc.mixed_precision}, {acc.distributed_type.value}, resume from {resume_dir}", flush=True)
     log = MetricsLogger(out, enabled=acc.is_main_process, resume_step=start if resume_dir else None)
     stop = min(total, c.stop_at_step or total)
     losses, last_ckpt = [], resume_dir

@@ -7,6 +7,7 @@ the whole mini batch (used for the global token count) and a resumed run reads e
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -48,7 +49,7 @@ def resolve_precision(precision: str) -> str:
     return {"bf16": "bf16", "fp32": "no"}[precision]
 
 
-def make_accelerator(precision: str, grad_accum: int):
+def make_accelerator(precision: str, grad_accum: int, micro_batch: int):
     """An Accelerator; without CUDA it is told cpu=True, which is what makes accelerate treat a
     `accelerate launch --multi_gpu --num_processes 2` start as two gloo ranks (MULTI_CPU) instead of two
     independent single-process runs."""
@@ -56,13 +57,20 @@ def make_accelerator(precision: str, grad_accum: int):
 
     from common.config import ConfigError
 
+    wants_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     acc = Accelerator(mixed_precision=resolve_precision(precision), gradient_accumulation_steps=grad_accum,
-                      cpu=not torch.cuda.is_available())
+                      cpu=not torch.cuda.is_available() and not wants_deepspeed)
+    if wants_deepspeed and acc.distributed_type.value != "DEEPSPEED":  # accelerate would silently run without it
+        raise ConfigError(f"a DeepSpeed accelerate config was given but accelerate set up {acc.distributed_type.value}"
+                          f" (DeepSpeed needs GPUs and a multi-process launch); on CPU use "
+                          f"configs/accelerate/multi_cpu.yaml")
     if acc.gradient_accumulation_steps != grad_accum:  # accelerate lets its env / DeepSpeed config win silently
         raise ConfigError(f"the accelerate config sets gradient_accumulation_steps={acc.gradient_accumulation_steps}"
                           f" but the run config says grad_accum_steps={grad_accum}; remove it from the accelerate "
                           f"/ DeepSpeed config (the run config owns batch sizes)")
     ds = getattr(acc.state, "deepspeed_plugin", None)
+    if ds is not None:  # we feed batches ourselves (no prepared dataloader), so DeepSpeed learns the size here
+        ds.deepspeed_config["train_micro_batch_size_per_gpu"] = micro_batch
     if ds is not None and ds.zero_stage == 3:
         raise ConfigError("ZeRO-3 shards the parameters and these trainers do not gather them for the HF checkpoint "
                           "yet; use configs/accelerate/zero2.yaml (or multi_gpu.yaml)")
