@@ -19,19 +19,34 @@ from rollout.base import LENGTH, STOP, Rollout, SamplingParams, check_prompts
 from rollout.sync import unwrap, verify_greedy
 
 
-def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+def top_p_filter(logits: torch.Tensor, top_p: float, k: int = 1024) -> torch.Tensor:
     """logits (B, V) -> (B, V) with -inf outside the nucleus: the smallest set of most likely tokens whose
     probability sums to >= top_p (Holtzman et al. 2020). A token is kept when the mass strictly before it (in
-    descending order) is < top_p, so the most likely token is always kept. Same rule as vLLM's sampler."""
+    descending order) is < top_p, so the most likely token is always kept. Same rule as vLLM's sampler.
+
+    The nucleus usually holds far fewer than k tokens: the k largest (a partial sort) decide it whenever their mass
+    reaches top_p in every row, and everything after them is dropped; otherwise the whole row is sorted. Sorting
+    151,936 logits per token is what makes CPU top-p slow (ENVIRONMENT.md)."""
     if top_p >= 1.0:
         return logits
-    sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
-    probs = sorted_logits.softmax(dim=-1)
-    mass_before = probs.cumsum(dim=-1) - probs
-    drop_sorted = mass_before >= top_p
+    probs_all = logits.float().softmax(dim=-1)  # (B, V)
+    top, order = probs_all.topk(min(k, logits.shape[-1]), dim=-1)  # (B, k) descending
+    if not bool((top.sum(-1) >= top_p).all()):
+        top, order = probs_all.sort(dim=-1, descending=True)  # (B, V)
+    drop_sorted = top.cumsum(dim=-1) - top >= top_p  # mass strictly before each token
     drop_sorted[:, 0] = False
-    drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
-    return logits.masked_fill(drop, float("-inf"))
+    keep = torch.zeros_like(probs_all, dtype=torch.bool).scatter(1, order, ~drop_sorted)
+    return logits.masked_fill(~keep, float("-inf"))
+
+
+def inverse_cdf_sample(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """probs (B, V) rows summing to ~1, u (B,) uniform in [0, 1) -> tokens (B,): the first token whose cumulative
+    probability exceeds u * total. One random number per row instead of V (multinomial / Gumbel draw V each: the
+    cost of a 151,936-wide step on CPU). A zero-probability token is never returned: its cumulative value equals its
+    predecessor's, and u * total < total in fp32 for u < 1."""
+    cdf = probs.float().cumsum(dim=-1)  # (B, V)
+    target = (u.to(cdf) * cdf[:, -1])[:, None]  # (B, 1)
+    return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp(max=probs.shape[-1] - 1)
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None):
@@ -43,7 +58,8 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
         tok = logp.argmax(dim=-1)
     else:
         logp = torch.log_softmax(top_p_filter(logits / temperature, top_p), dim=-1)  # (B, V)
-        tok = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)
+        u = torch.rand(logits.shape[0], generator=generator, device=logits.device)  # (B,)
+        tok = inverse_cdf_sample(logp.exp(), u)
     return tok, logp.gather(1, tok[:, None]).squeeze(1)
 
 
@@ -100,7 +116,9 @@ class BuiltinEngine:
         B = len(rows)
         ids, mask = left_pad(rows, self.pad_id, dev)  # (B, P)
         cache = base.new_cache()
-        logits = base(ids, attention_mask=mask, cache=cache)[:, -1]  # (B, V)
+        head = base.get_output_embeddings()
+        # Prefill: the output layer only at the last position; (B, P, V) logits would be GBs with V = 151,936.
+        logits = head(base.get_decoder()(ids, attention_mask=mask, cache=cache)[:, -1])  # (B, V)
         stop = torch.tensor(sorted(set(params.stop_token_ids)), dtype=torch.long, device=dev)
         active = torch.arange(B, device=dev)  # original row of each batch row still generating
         toks = torch.full((B, params.max_tokens), self.pad_id, dtype=torch.long)  # (B, R) pad after stop
@@ -121,7 +139,7 @@ class BuiltinEngine:
                 keep = (~done).nonzero().squeeze(1)
                 active, tok, mask = active[keep], tok[keep], mask[keep]
                 cache.select(keep)
-            logits = base(tok[:, None], attention_mask=mask, cache=cache)[:, -1]
+            logits = head(base.get_decoder()(tok[:, None], attention_mask=mask, cache=cache)[:, -1])  # (b, V)
         out_ids = [toks[i, :length[i]].tolist() for i in range(B)]
         out_lp = [lps[i, :length[i]].tolist() for i in range(B)]
         return out_ids, out_lp, [STOP if s else LENGTH for s in stopped.tolist()]
