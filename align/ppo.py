@@ -499,7 +499,7 @@ def setup(c: PPOConfig) -> tuple[Run, int, Path | None]:
     from data.chatml import REWARD_TOKEN, special_id
 
     check_inputs(c)
-    acc = make_accelerator(c.precision, 1)
+    acc = make_accelerator(c.precision, 1, c.micro_batch_size)
     if acc.num_processes > 1:
         raise ConfigError("align/ppo.py runs on one process for now; launch it with --num_processes 1")
     resume_dir = latest_checkpoint(Path(c.output_dir) / "checkpoints") if c.resume else None
