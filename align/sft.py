@@ -77,6 +77,11 @@ class SFTConfig:
             raise ConfigError("set exactly one of model_path (a pretrained folder) or init_config (random init)")
         if self.model_impl not in ("custom", "hf"):
             raise ConfigError(f"model_impl must be 'custom' or 'hf', got {self.model_impl!r}")
+        if self.packing and self.model_impl == "hf":
+            # measured: transformers' Qwen2 (sdpa) lets a packed document attend to the previous one even with
+            # restarting position_ids; the custom model keeps documents apart (tests/test_sft.py).
+            raise ConfigError("packing needs model_impl: custom (transformers models would attend across packed "
+                              "documents); set packing: false for model_impl: hf")
         if self.init_config is not None and self.model_impl != "custom":
             raise ConfigError("init_config builds the custom model; set model_impl: custom")
         if not self.train_files:
