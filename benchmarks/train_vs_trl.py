@@ -143,7 +143,7 @@ def spawn(name: str, args) -> dict:
 
 def table(results: dict) -> str:
     lines = ["| task | trainer | tokens/s | peak RSS (MB) | first / last loss |", "|---|---|---|---|---|"]
-    for task in ("sft", "rm"):
+    for task in [t for t in ("sft", "rm") if f"ours_{t}" in results]:
         for who in ("ours", "trl"):
             r = results[f"{who}_{task}"]
             lines.append(f"| {task} | {'ours' if who == 'ours' else 'TRL 1.16'} | {r['tokens_per_s']:.0f} | "
@@ -161,6 +161,7 @@ def main() -> None:
     p.add_argument("--seq_len", type=int, default=512, help="max tokens per sequence")
     p.add_argument("--hidden", type=int, default=128, help="hidden size of the tiny 2-layer Qwen2")
     p.add_argument("--out", default="runs/bench_trl", help="work folder; results.json is written here")
+    p.add_argument("--tasks", default="sft,rm", help="comma-separated: sft, rm")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     out = Path(args.out)
@@ -169,7 +170,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     prepare(out, args.hidden, n_records=args.steps * args.batch)
     results = {}
-    for name in ("ours_sft", "trl_sft", "ours_rm", "trl_rm"):
+    tasks = args.tasks.split(",")
+    for name in [f"{who}_{t}" for t in tasks for who in ("ours", "trl")]:
         print(f"[bench] running {name} ...", flush=True)
         results[name] = spawn(name, args)
     from common.atomic import atomic_write_json
