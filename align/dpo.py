@@ -264,7 +264,7 @@ def train(c: DPOConfig) -> list[float]:
     from common.optim import build_adamw, warmup_cosine
 
     # 1. accelerator, seed, resume point
-    acc = make_accelerator(c.precision, c.grad_accum_steps)
+    acc = make_accelerator(c.precision, c.grad_accum_steps, c.micro_batch_size_per_rank)
     out, W, rank = Path(c.output_dir), acc.num_processes, acc.process_index
     ckpt_root = out / "checkpoints"
     resume_dir = latest_checkpoint(ckpt_root) if c.resume else None
