@@ -145,21 +145,13 @@ def check_inputs(c: PPOConfig) -> None:
 
 
 def folder_tokenizer(name: str | None, folder: str):
-    """The tokenizer named in the config, else the one saved beside the model.
+    """The tokenizer named in the config ('qwen2', 'small', 'demo' or a folder), else the one saved beside the model."""
+    from data.tokenizer import load_tokenizer
 
-    A folder is read as the fast tokenizer it holds (tokenizer.json): AutoTokenizer on a model folder follows
-    config.json's model_type to Qwen2Tokenizer, whose unk token <|endoftext|> makes that special token unusable."""
-    from transformers import PreTrainedTokenizerFast
-
-    from reward.model import load_tokenizer
-
-    name = name or folder
-    if name in ("qwen2", "small"):
-        return load_tokenizer(name)
-    if not (Path(name) / "tokenizer.json").is_file():
-        raise ConfigError(f"{name} has no tokenizer.json: pass --tokenizer / --reward_tokenizer (qwen2, small or a "
-                          f"tokenizer folder)")
-    return PreTrainedTokenizerFast.from_pretrained(name)
+    try:
+        return load_tokenizer(name or folder)
+    except ValueError as e:
+        raise ConfigError(f"{e}: pass --tokenizer / --reward_tokenizer") from None
 
 
 def tokenizers_match(c: PPOConfig, tok, rtok) -> bool:

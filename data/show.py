@@ -12,6 +12,7 @@ import argparse
 import sys
 
 from data.chatml import ENDOFTEXT, MASK_STRATEGIES, special_id, tokenize_chat, tokenize_response
+from data.tokenizer import load_tokenizer
 from data.datasets import (
     KINDS,
     load_records,
@@ -21,18 +22,6 @@ from data.datasets import (
     text_of,
     unpaired_parts,
 )
-
-
-def load_tokenizer(name: str):
-    from data.tokenizer import qwen2_tokenizer, small_tokenizer
-
-    if name == "qwen2":
-        return qwen2_tokenizer()
-    if name == "small":
-        return small_tokenizer()
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(name)
 
 
 def sequences(rec: dict, kind: str, tok, mask: str) -> list[tuple[str, list[int], list[int]]]:

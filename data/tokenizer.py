@@ -168,7 +168,8 @@ _SMALL_CORPUS = [
 SMALL_VOCAB_SIZE = 1000  # including the 4 special tokens, which take the last ids (996..999), as in Qwen2
 
 
-def _build_small(out_dir: Path) -> None:
+def _train_bpe(texts: list[str], vocab_size: int, out_dir: Path) -> None:
+    """A byte-level BPE with Qwen2's normaliser and split regex; the special tokens take the last ids."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     backend = Tokenizer(models.BPE())
@@ -181,20 +182,61 @@ def _build_small(out_dir: Path) -> None:
     )
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=SMALL_VOCAB_SIZE - len(SPECIAL_TOKENS),
+        vocab_size=vocab_size - len(SPECIAL_TOKENS),
         min_frequency=1,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    backend.train_from_iterator(_SMALL_CORPUS * 4, trainer=trainer)
+    backend.train_from_iterator(texts, trainer=trainer)
     backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in SPECIAL_TOKENS])
     _wrap_and_save(backend, out_dir)
+
+
+def _build_small(out_dir: Path) -> None:
+    _train_bpe(_SMALL_CORPUS * 4, SMALL_VOCAB_SIZE, out_dir)
 
 
 def small_tokenizer(cache_dir: str | os.PathLike | None = None):
     """A tiny byte-level BPE (vocab 1000, same specials and split regex as Qwen2) trained in well under a second."""
     root = Path(cache_dir) if cache_dir is not None else default_cache_root()
     return _cached(root / _SMALL_CACHE_NAME, _build_small)
+
+
+DEMO_VOCAB_SIZE = 4096
+_DEMO_SOURCES = ("pretrain.jsonl", "sft.jsonl")
+
+
+def demo_tokenizer(cache_dir: str | os.PathLike | None = None):
+    """A byte-level BPE (vocab 4096) trained on the embedded demo's text, so that the tiny demo models see most Chinese
+    characters and English words as single tokens (with the 1000-token test BPE a Chinese character is 2-3 byte
+    tokens, and a tiny model emits broken characters). Cached under a hash of the demo files it was trained on."""
+    from data.chatml import render
+
+    demo = Path(__file__).resolve().parent / "demo"
+    digest = hashlib.sha256(b"".join((demo / f).read_bytes() for f in _DEMO_SOURCES)).hexdigest()[:12]
+    root = Path(cache_dir) if cache_dir is not None else default_cache_root()
+
+    def build(out_dir: Path) -> None:
+        texts = [json.loads(line)["text"] for line in (demo / "pretrain.jsonl").open(encoding="utf-8")]
+        texts += [render(json.loads(line)["messages"]) for line in (demo / "sft.jsonl").open(encoding="utf-8")]
+        _train_bpe(texts, DEMO_VOCAB_SIZE, out_dir)
+
+    return _cached(root / f"demo-tokenizer-{digest}", build)
+
+
+def load_tokenizer(name: str | os.PathLike):
+    """'qwen2' (the real Qwen2 BPE), 'small' (tiny test BPE), 'demo' (the demo's BPE) or a folder with tokenizer.json.
+
+    A folder is read as the fast tokenizer it holds: AutoTokenizer on a model folder follows config.json's model_type
+    to Qwen2Tokenizer, whose unk token <|endoftext|> would make that special token unusable."""
+    builders = {"qwen2": qwen2_tokenizer, "small": small_tokenizer, "demo": demo_tokenizer}
+    if str(name) in builders:
+        return builders[str(name)]()
+    if not (Path(name) / "tokenizer.json").is_file():
+        raise ValueError(f"tokenizer {str(name)!r}: not one of {sorted(builders)} and not a folder with tokenizer.json")
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast.from_pretrained(str(name))
 
 
 def tokenizer_fingerprint(tok) -> str:

@@ -15,23 +15,9 @@ from pathlib import Path
 import torch
 
 from data.chatml import REWARD_TOKEN, special_id
+from data.tokenizer import load_tokenizer  # noqa: F401  (re-exported for trainers)
 
 STATS_FILE = "reward_stats.json"  # mean/std of scores on a reference set, saved beside the model for PPO
-
-
-def load_tokenizer(name: str):
-    """'qwen2' (the real Qwen2 BPE, built offline), 'small' (tiny test BPE) or a tokenizer folder."""
-    from data.tokenizer import qwen2_tokenizer, small_tokenizer
-
-    if name == "qwen2":
-        return qwen2_tokenizer()
-    if name == "small":
-        return small_tokenizer()
-    from transformers import AutoTokenizer
-
-    if not Path(name).is_dir():
-        raise ValueError(f"tokenizer {name!r}: not 'qwen2', 'small' or an existing folder")
-    return AutoTokenizer.from_pretrained(name)
 
 
 def reward_token_id(tokenizer) -> int:

@@ -124,3 +124,21 @@ def test_fingerprint_detects_mismatch(qwen_tok, small_tok, tmp_path):
     other = small_tokenizer(cache_dir=tmp_path)
     other.add_tokens(["<|extra|>"])
     assert tokenizer_fingerprint(other) != tokenizer_fingerprint(small_tok)
+
+
+def test_demo_tokenizer_keeps_chinese_characters_whole(tmp_path):
+    """The demo BPE is trained on data/demo: the specials take the last ids, and a demo sentence in Chinese is far
+    fewer tokens than the 1000-token test BPE makes of it (which splits each character into UTF-8 bytes)."""
+    from data.tokenizer import DEMO_VOCAB_SIZE, SPECIAL_TOKENS, demo_tokenizer, load_tokenizer, small_tokenizer
+    tok = demo_tokenizer(cache_dir=tmp_path)
+    assert len(tok) == DEMO_VOCAB_SIZE
+    assert [tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS] == list(range(DEMO_VOCAB_SIZE - 4, DEMO_VOCAB_SIZE))
+    text = "请告诉我一些关于园艺的想法。希望有帮助！"
+    ids = tok(text)["input_ids"]
+    assert tok.decode(ids) == text
+    assert len(ids) * 3 < len(small_tokenizer()(text)["input_ids"])
+    tok.save_pretrained(tmp_path / "saved")
+    again = load_tokenizer(tmp_path / "saved")  # a folder is read as its fast tokenizer
+    assert again(text)["input_ids"] == ids and again.convert_tokens_to_ids("<|endoftext|>") == DEMO_VOCAB_SIZE - 4
+    with pytest.raises(ValueError, match="not one of"):
+        load_tokenizer(tmp_path / "nothing-here")
