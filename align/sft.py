@@ -44,6 +44,8 @@ class SFTConfig:
     lora_target_modules: list[str] = cfg(LORA_TARGETS, "module names that get LoRA adapters")
     # --- data ---
     train_files: list[str] = cfg([], "SFT data files ({'messages': [...]} JSONL/JSON/parquet/arrow)")
+    data_kind: str = cfg("sft", "'sft': conversations, loss on the masked-in tokens; 'text': plain text ({'text'}), "
+                                "every token learned, packed (base-model pretraining / continued pretraining)")
     mask: str = cfg("all_assistant", "loss-mask strategy: all_assistant, last_assistant, qwen_finetune")
     seq_len: int = cfg(2048, "tokens per row: longest example and packed row length (sec. 3.1.2)")
     packing: bool = cfg(True, "pack several conversations per row; attention stays within each conversation")
@@ -86,6 +88,8 @@ class SFTConfig:
             raise ConfigError("init_config builds the custom model; set model_impl: custom")
         if not self.train_files:
             raise ConfigError("train_files is empty: give at least one SFT data file")
+        if self.data_kind not in ("sft", "text"):
+            raise ConfigError(f"data_kind must be 'sft' or 'text', got {self.data_kind!r}")
         if self.mask not in ("all_assistant", "last_assistant", "qwen_finetune"):
             raise ConfigError(f"mask {self.mask!r} learns nothing or is unknown; use all_assistant, "
                               f"last_assistant or qwen_finetune")
@@ -169,9 +173,15 @@ def build_rows(c: SFTConfig, tokenizer) -> tuple[list[dict], str]:
     """Tokenise with loss masks, then pack (shuffled once with the seed so packed rows mix sources)."""
     import random
 
-    from data.datasets import build_sft_examples, load_records, pack_examples
+    from data.datasets import build_sft_examples, build_text_examples, load_records, pack_examples
 
     examples, reports = [], []
+    if c.data_kind == "text":  # already packed rows of seq_len with per-document position ids
+        for path in c.train_files:
+            rows = build_text_examples(load_records(path, kind="text")[0], tokenizer, c.seq_len)
+            examples += rows
+            reports.append(f"{path}: {len(rows)} packed rows of {c.seq_len} tokens")
+        return examples, "\n".join(reports)
     for path in c.train_files:
         records, kind = load_records(path, kind="sft")
         ex, report = build_sft_examples(records, tokenizer, c.seq_len, mask=c.mask, truncation=c.truncation)
@@ -329,7 +339,11 @@ def train(c: SFTConfig) -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    train(parse_config(SFTConfig, argv))
+    try:
+        config = parse_config(SFTConfig, argv)
+    except ConfigError as e:
+        raise SystemExit(f"config error: {e}") from None
+    train(config)
 
 
 if __name__ == "__main__":

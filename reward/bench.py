@@ -188,7 +188,10 @@ def plot(results: dict, png: str | Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    c = parse_config(BenchConfig, sys.argv[1:] if argv is None else argv)
+    try:
+        c = parse_config(BenchConfig, sys.argv[1:] if argv is None else argv)
+    except ConfigError as e:
+        raise SystemExit(f"config error: {e}") from None
     results = run(c)
     out = Path(c.out_dir)
     atomic_write_json(out / "bench.json", results)

@@ -261,7 +261,11 @@ def finish(c, acc, model, tokenizer, eval_pairs, pad_id, reward_id, log, total, 
 
 
 def main(argv: list[str] | None = None) -> None:
-    train(parse_config(RewardConfig, argv))
+    try:
+        config = parse_config(RewardConfig, argv)
+    except ConfigError as e:
+        raise SystemExit(f"config error: {e}") from None
+    train(config)
 
 
 if __name__ == "__main__":

@@ -203,3 +203,27 @@ def test_bench_reads_trl_and_hh_formats_and_writes_table(lm_dir, tmp_path, capsy
     saved = json.loads((tmp_path / "out" / "bench.json").read_text())
     assert saved["models"]["LM"]["mean_accuracy"] == pytest.approx(res["models"]["LM"]["mean_accuracy"])
     assert (tmp_path / "out" / "bench.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_reward_two_ranks_equal_one_process(lm_dir, tmp_path):
+    """Same mini batch of 8 pairs: 1 process x micro 4 x accum 2 vs 2 gloo ranks x micro 2 x accum 2."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    files = [_pairs_file(tmp_path / "train.jsonl", 48, 0), _pairs_file(tmp_path / "test.jsonl", 24, 1)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    args = [str(repo / "reward" / "train.py"), "--model_path", str(lm_dir), "--tokenizer", "small", "--train_files",
+            str(files[0]), "--eval_files", str(files[1]), "--seq_len", "64", "--grad_accum_steps", "2",
+            "--lr", "2e-3", "--max_steps", "3"]
+    subprocess.run([sys.executable, *args, "--micro_batch_size_per_rank", "4", "--output_dir", str(tmp_path / "one")],
+                   check=True, env=env, cwd=repo)
+    subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                    str(repo / "configs" / "accelerate" / "multi_cpu.yaml"), *args, "--micro_batch_size_per_rank",
+                    "2", "--output_dir", str(tmp_path / "two")], check=True, env=env, cwd=repo)
+    one = [r["loss"] for r in read_jsonl(tmp_path / "one" / "metrics.jsonl") if "loss" in r]
+    two = [r["loss"] for r in read_jsonl(tmp_path / "two" / "metrics.jsonl") if "loss" in r]
+    assert len(one) == 3 and two == pytest.approx(one, rel=1e-5)
