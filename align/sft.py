@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 
 from common.config import ConfigError, cfg, parse_config, save_config
-from reward.model import load_tokenizer  # noqa: F401  (also used by tests)
+from data.tokenizer import load_tokenizer  # noqa: F401  (also used by tests)
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -99,8 +99,7 @@ def pair_metrics(rc: torch.Tensor, rr: torch.Tensor, len_c: torch.Tensor, len_r:
 def model_tokenizer(model_path: str, choice: str):
     if choice != "auto":
         return load_tokenizer(choice)
-    folder = Path(model_path)
-    if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer_config.json").is_file():
+    if not (Path(model_path) / "tokenizer.json").is_file():
         raise ConfigError(f"{model_path}: no tokenizer saved in the model folder; pass --tokenizer")
     return load_tokenizer(model_path)
 

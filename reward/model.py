@@ -10,7 +10,6 @@ side or padding length.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 
