@@ -37,10 +37,13 @@ LOSS_TYPES = ("sigmoid", "conservative", "ipo")
 @dataclass
 class DPOConfig:
     # --- model (the policy starts from, and the reference is, this model) ---
-    model_path: Optional[str] = cfg(None, "HF causal-LM folder to start from: the SFT model (Qwen2ForCausalLM, or any causal LM with model_impl=hf)")
-    init_config: Optional[str] = cfg(None, "instead of model_path: a Qwen2 config.json for a randomly initialised custom model (demos, no hub)")
+    model_path: Optional[str] = cfg(None, "HF causal-LM folder to start from: the SFT model (Qwen2ForCausalLM, "
+                                          "or any causal LM with model_impl=hf)")
+    init_config: Optional[str] = cfg(None, "instead of model_path: a Qwen2 config.json for a randomly initialised "
+                                           "custom model (demos, no hub)")
     model_impl: str = cfg("custom", "'custom' = model.qwen (Qwen2 folders), 'hf' = transformers AutoModelForCausalLM")
-    tokenizer: str = cfg("qwen2", "'qwen2' (real Qwen2 BPE), 'small' (tiny test BPE) or a tokenizer folder (the SFT model's)")
+    tokenizer: str = cfg("qwen2", "'qwen2' (real Qwen2 BPE), 'small' (tiny test BPE) or a tokenizer folder "
+                                  "(the SFT model's)")
     dropout: float = cfg(0.0, "dropout while training; the reference is always computed without dropout")
     gradient_checkpointing: bool = cfg(False, "recompute activations in the backward to save memory")
     # --- LoRA (peft); the reference is then the base model with the adapter disabled ---
@@ -58,7 +61,8 @@ class DPOConfig:
     label_smoothing: float = cfg(0.0, "cDPO: probability that a preference label is flipped, in (0, 0.5)")
     sft_coef: float = cfg(0.0, "weight of the token-mean NLL of the chosen replies added to the loss; 0 = none")
     # --- reference ---
-    reference: str = cfg("cached", "'cached': reference log-probs computed once before training; 'online': a reference forward per micro batch")
+    reference: str = cfg("cached", "'cached': reference log-probs computed once before training; 'online': a "
+                                   "reference forward per micro batch")
     ref_batch_size: int = cfg(8, "pairs per forward when caching the reference log-probs")
     # --- batch (mini batch = micro x grad_accum x ranks; counted in pairs) ---
     micro_batch_size_per_rank: int = cfg(4, "pairs per forward/backward on each rank (2x sequences: chosen + rejected)")
@@ -88,7 +92,8 @@ class DPOConfig:
         if (self.model_path is None) == (self.init_config is None):
             raise ConfigError("set exactly one of model_path (the SFT model) or init_config (random init)")
         if self.model_impl not in ("custom", "hf") or (self.init_config is not None and self.model_impl != "custom"):
-            raise ConfigError(f"model_impl must be 'custom' or 'hf' (init_config needs 'custom'), got {self.model_impl!r}")
+            raise ConfigError(f"model_impl must be 'custom' or 'hf' (init_config needs 'custom'), "
+                              f"got {self.model_impl!r}")
         if not self.train_files:
             raise ConfigError("train_files is empty: give at least one preference file")
         if self.loss_type not in LOSS_TYPES:
@@ -239,13 +244,29 @@ def build_pairs(c: DPOConfig, tokenizer) -> tuple[list[dict], str]:
     return pairs, "\n".join(reports)
 
 
-def reference_net(c: DPOConfig, acc, is_lora: bool, need_separate: bool) -> SequenceLogprobs | None:
-    """A frozen copy of the starting model when the reference cannot be the policy itself: full finetuning with
-    reference 'online', or a resumed run without a cached table. LoRA never needs one (adapter disabled)."""
-    if is_lora or not need_separate:
-        return None
-    lm = build_base_model(c, c.model_path).requires_grad_(False).eval()
-    return SequenceLogprobs(lm, c.chunk_size).to(acc.device)
+def setup_reference(c: DPOConfig, acc, policy: SequenceLogprobs, pairs: list[dict], pad_id: int,
+                    saved_cache: torch.Tensor | None, resumed: bool):
+    """-> (cache (N, 2) or None, ref_fn(micro, batch) -> reference summed log-probs (2B,) [chosen, rejected]).
+
+    The reference is the starting model. LoRA: the policy with its adapter disabled (no second copy). Full
+    finetuning: the policy itself before its first step (the table of a fresh run), else a frozen copy built from
+    model_path / init_config (reference 'online', or a resumed run whose checkpoint holds no table)."""
+    cache = saved_cache if c.reference == "cached" else None
+    ref = None
+    if not hasattr(policy.lm, "peft_config") and (c.reference == "online" or (cache is None and resumed)):
+        lm = build_base_model(c, c.model_path).requires_grad_(False).eval()
+        ref = SequenceLogprobs(lm, c.chunk_size).to(acc.device)
+    if c.reference == "cached" and cache is None:
+        cache = cache_reference(acc, policy, ref, pairs, pad_id, c.ref_batch_size)  # (N, 2)
+        ref = None  # the table replaces the model
+
+    def ref_fn(micro: list[int], batch: dict) -> torch.Tensor:
+        if cache is not None:
+            return torch.cat([cache[micro, 0], cache[micro, 1]]).to(acc.device)  # (2B,)
+        with reference_mode(policy, ref) as net, acc.autocast():
+            return net(**batch)
+
+    return cache, ref_fn
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -301,17 +322,7 @@ def train(c: DPOConfig) -> list[float]:
         start = state["step"]
 
     # 5. reference: cached table (computed before the first optimizer step) or a forward per micro batch
-    cache = state.get("ref_logps") if c.reference == "cached" else None
-    ref = reference_net(c, acc, is_lora, need_separate=c.reference == "online" or (cache is None and start > 0))
-    if c.reference == "cached" and cache is None:
-        cache = cache_reference(acc, policy, ref, pairs, pad_id, c.ref_batch_size)  # (N, 2)
-        ref = None  # the table replaces the model
-
-    def ref_fn(micro, batch):
-        if cache is not None:
-            return torch.cat([cache[micro, 0], cache[micro, 1]]).to(acc.device)  # (2B,)
-        with reference_mode(policy, ref) as net, acc.autocast():
-            return net(**batch)
+    cache, ref_fn = setup_reference(c, acc, policy, pairs, pad_id, state.get("ref_logps"), start > 0)
 
     if acc.is_main_process:
         save_config(c, out / "config.yaml")

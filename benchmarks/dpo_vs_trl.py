@@ -9,11 +9,11 @@ on both sides (TRL with a sequential sampler), and the run checks that TRL's tok
 report the same chosen log-prob at step 1. Both in fp32 (TRL's default bf16 autocast off), beta 0.1, AdamW with
 gradient clipping 1.0 (TRL: its default fused AdamW; ours: common.optim.build_adamw, as align/dpo.py).
 
-Each configuration runs in its own subprocess, one after the other. On a shared machine the wall-clock steps/s
-move with the other load; the CPU seconds per step (all threads of the process) move less. A step is a whole optimizer step as the
-trainer runs it (collate, forward, loss, backward, clip, AdamW). Peak memory: the highest resident set size during
-the timed steps (VmHWM, reset after warm-up, as benchmarks/model_step.py) minus the resident size just before them;
-the absolute peak RSS of the process is shown too (it includes TRL's second model copy for the reference).
+Each configuration runs in its own subprocess, one after the other. A step is a whole optimizer step as the trainer
+runs it (collate, forward, loss, backward, clip, AdamW). On a shared machine the wall-clock steps/s move with the
+other load; the CPU seconds per step (all threads of the process) move less. Peak memory: the highest resident
+set size during the timed steps (VmHWM, reset after warm-up, as benchmarks/model_step.py) minus the resident size
+just before them; the absolute peak RSS of the process is shown too (it includes TRL's second model copy for the reference).
 Reference handling, the thing the two defaults differ in, is shown both ways:
   TRL default: a reference-model forward every step  |  TRL precompute_ref_log_probs=True: computed before training
   ours default ('cached'): computed before training  |  ours 'online': a reference forward every step
@@ -70,7 +70,9 @@ class Meter:
 
     def stop(self, steps: int) -> dict:
         dt = (time.perf_counter() - self.t0) / steps
-        return {"step_s": dt, "cpu_s": (time.process_time() - self.c0) / steps, "peak_mib": (rss_kb("VmHWM") - self.base) / 1024, "rss_mib": rss_kb("VmHWM") / 1024}
+        peak = rss_kb("VmHWM")
+        return {"step_s": dt, "cpu_s": (time.process_time() - self.c0) / steps,
+                "peak_mib": (peak - self.base) / 1024, "rss_mib": peak / 1024}
 
 
 def run_trl(args, model_dir: Path, pairs, text) -> dict:

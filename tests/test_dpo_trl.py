@@ -1,8 +1,9 @@
 """Correctness against a peer: our DPO loss equals TRL 1.16's DPOTrainer loss on the same model, batch and reference.
 
 Same tiny Qwen2 (transformers, random weights, saved to a folder both load), a different reference model (so the
-loss is not trivially log 2), the same 4 pairs, both in fp32. TRL gets the ChatML text we render and tokenises it itself; the test
-first checks TRL's token ids equal ours. TRL's loss for one batch is `trainer.compute_loss` on its own collated batch.
+loss is not trivially log 2), the same 4 pairs, both in fp32. TRL gets the ChatML text we render and tokenises it
+itself; the test first checks TRL's token ids equal ours. TRL's loss for one batch is `trainer.compute_loss` on
+its own collated batch.
 """
 
 from __future__ import annotations
@@ -86,7 +87,8 @@ def test_trl_tokenises_the_same_ids(setup):
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "sigmoid+sft"])
 def test_loss_and_gradients_equal_trl(setup, small_tok, loss_type):
     """|ours - TRL| < 1e-5 for sigmoid DPO, IPO (per-token log-ratios, as TRL) and DPO + 0.5 x chosen NLL
-    (TRL's 'sft' loss: token mean over the chosen replies); policy gradients agree to 1e-4 relative (1e-6 of the largest entry absolute)."""
+    (TRL's 'sft' loss: token mean over the chosen replies); policy gradients agree to 1e-4 relative (absolute:
+    1e-6 of the largest entry)."""
     d, pairs, trainer = setup
     types, weights = {"sigmoid": (["sigmoid"], [1.0]), "ipo": (["ipo"], [1.0]),
                       "sigmoid+sft": (["sigmoid", "sft"], [1.0, 0.5])}[loss_type]
