@@ -13,7 +13,8 @@ Each configuration runs in its own subprocess, one after the other. A step is a 
 runs it (collate, forward, loss, backward, clip, AdamW). On a shared machine the wall-clock steps/s move with the
 other load; the CPU seconds per step (all threads of the process) move less. Peak memory: the highest resident
 set size during the timed steps (VmHWM, reset after warm-up, as benchmarks/model_step.py) minus the resident size
-just before them; the absolute peak RSS of the process is shown too (it includes TRL's second model copy for the reference).
+just before them; the absolute peak RSS of the process is shown too (it includes TRL's second model copy for the
+reference).
 Reference handling, the thing the two defaults differ in, is shown both ways:
   TRL default: a reference-model forward every step  |  TRL precompute_ref_log_probs=True: computed before training
   ours default ('cached'): computed before training  |  ours 'online': a reference forward every step
