@@ -28,8 +28,9 @@ from typing import Optional
 import torch
 
 from align.dpo_losses import chosen_nll_loss, conservative_dpo_loss, ipo_loss, sigmoid_dpo_loss
-from align.sft import LORA_TARGETS, build_base_model, build_model, load_tokenizer, save_model
+from align.sft import LORA_TARGETS, build_base_model, build_model, save_model
 from common.config import ConfigError, cfg, parse_config, save_config
+from data.tokenizer import load_tokenizer
 
 LOSS_TYPES = ("sigmoid", "conservative", "ipo")
 
@@ -42,8 +43,8 @@ class DPOConfig:
     init_config: Optional[str] = cfg(None, "instead of model_path: a Qwen2 config.json for a randomly initialised "
                                            "custom model (demos, no hub)")
     model_impl: str = cfg("custom", "'custom' = model.qwen (Qwen2 folders), 'hf' = transformers AutoModelForCausalLM")
-    tokenizer: str = cfg("qwen2", "'qwen2' (real Qwen2 BPE), 'small' (tiny test BPE) or a tokenizer folder "
-                                  "(the SFT model's)")
+    tokenizer: str = cfg("qwen2", "'qwen2' (real Qwen2 BPE), 'small' (tiny test BPE), 'demo' or a tokenizer "
+                                  "folder (the SFT model's)")
     dropout: float = cfg(0.0, "dropout while training; the reference is always computed without dropout")
     gradient_checkpointing: bool = cfg(False, "recompute activations in the backward to save memory")
     # --- LoRA (peft); the reference is then the base model with the adapter disabled ---
