@@ -194,7 +194,7 @@ def build_rows(c: SFTConfig, tokenizer) -> tuple[list[dict], str]:
 
 
 class LogprobWrapper(torch.nn.Module):
-    """Puts `causal_lm_logprobs` inside `forward`, so DDP / DeepSpeed wrap a module whose forward is the whole
+    """Puts the whole loss inside `forward`, so DDP / DeepSpeed wrap a module whose forward is the whole
     computation (calling `get_decoder()` on a DDP-wrapped model would bypass DDP's gradient synchronisation)."""
 
     def __init__(self, lm: torch.nn.Module, chunk_size: int):
@@ -202,18 +202,23 @@ class LogprobWrapper(torch.nn.Module):
         self.lm, self.chunk_size = lm, chunk_size
 
     def forward(self, input_ids, labels, attention_mask, position_ids):
-        from model.logprobs import causal_lm_logprobs
+        """-sum log p over the learned tokens (a scalar). The NLL is linear in the log-probs, so the fused kernel
+        computes its gradient during the forward: no (B, T, V) logits and no recompute in the backward."""
+        from model.logprobs import weighted_logprob_sum
 
-        return causal_lm_logprobs(self.lm, input_ids, labels, attention_mask=attention_mask,
-                                  position_ids=position_ids, chunk_size=self.chunk_size)  # (B, T), 0 on ignored
+        out = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        hidden = out if isinstance(out, torch.Tensor) else out.last_hidden_state  # (B, T, H)
+        coef = torch.full(labels.shape, -1.0, device=labels.device)  # ignored labels contribute nothing
+        return weighted_logprob_sum(hidden, self.lm.get_output_embeddings().weight, labels, coef,
+                                    chunk_size=self.chunk_size)
 
 
 def micro_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
     """Sum of -log p over the learned tokens of one micro batch, and how many there are. `model`: LogprobWrapper."""
     from data.chatml import IGNORE_INDEX
 
-    logp = model(batch["input_ids"], batch["labels"], batch["attention_mask"], batch["position_ids"])  # (B, T)
-    return -logp.sum(), int((batch["labels"] != IGNORE_INDEX).sum())
+    nll = model(batch["input_ids"], batch["labels"], batch["attention_mask"], batch["position_ids"])  # scalar
+    return nll, int((batch["labels"] != IGNORE_INDEX).sum())
 
 
 def learned_tokens(row: dict) -> int:

@@ -173,16 +173,21 @@ def test_packed_rows_give_the_same_logprobs_as_separate_examples(files, tmp_path
     lm = sft.build_base_model(c, None).eval()
     tok = sft.load_tokenizer("small")
     examples = sft.build_rows(c, tok)[0][:3]
-    wrapper = sft.LogprobWrapper(lm, 64)
+    from model.logprobs import causal_lm_logprobs
+
+    def logprobs(b):
+        return causal_lm_logprobs(lm, b["input_ids"], b["labels"], b["attention_mask"], b["position_ids"])
+
     with torch.no_grad():
         packed = pack_examples(examples, 512)
         assert len(packed) == 1
         b = collate(packed + [examples[0]], tok.pad_token_id)  # a padded second row as well
-        together = wrapper(b["input_ids"], b["labels"], b["attention_mask"], b["position_ids"])[0]  # (T,)
-        alone = []
-        for e in examples:
-            b1 = collate([e], tok.pad_token_id)
-            alone.append(wrapper(b1["input_ids"], b1["labels"], b1["attention_mask"], b1["position_ids"])[0])
+        together = logprobs(b)[0]  # (T,)
+        alone = [logprobs(collate([e], tok.pad_token_id))[0] for e in examples]
+        # and the training loss (the fused kernel inside LogprobWrapper) is the sum of those log-probs, negated
+        nll = sft.LogprobWrapper(lm, 64)(b["input_ids"][:1], b["labels"][:1], b["attention_mask"][:1],
+                                         b["position_ids"][:1])
     torch.testing.assert_close(together[:sum(len(a) for a in alone)], torch.cat(alone), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(nll, -together.sum(), atol=1e-4, rtol=1e-5)
     with pytest.raises(ConfigError, match="packing needs model_impl: custom"):
         make_config(files, tmp_path, init_config=None, model_path="m", model_impl="hf")
