@@ -53,6 +53,8 @@ class PPOConfig:
     heldout_rows: int = cfg(32, "held-out rows (of ptx_seq_len tokens) scored for the alignment tax")
     # --- rollout ---
     engine: str = cfg("builtin", "'builtin' (KV-cache engine on the custom model) or 'vllm'")
+    verify_sync_every: int = cfg(10, "after every k-th weight sync, check the engine's greedy tokens and log-probs "
+                                     "equal the policy's on 4 prompts (PITFALLS 1); 0 = never")
     rollout_batch_prompts: int = cfg(16, "prompts per PPO step; responses = prompts x samples_per_prompt")
     samples_per_prompt: int = cfg(2, "responses sampled per prompt (sec. 3.2.2: two)")
     temperature: float = cfg(1.0, "sampling temperature; the training log-probs divide by the same value")
@@ -558,18 +560,23 @@ def train(c: PPOConfig) -> list[dict]:
         run.tax_start = tax()
         log.log(0, {"heldout_lm_loss": run.tax_start, "alignment_tax": 0.0})
     stop = min(c.max_steps, c.stop_at_step or c.max_steps)
-    history, synced = [], start > 0
+    history, synced, n_syncs = [], start > 0, 0
     bar = tqdm(total=c.max_steps, initial=start, desc="ppo", disable=not run.acc.is_main_process, dynamic_ncols=True)
     for step in range(start, stop):
         t0 = time.perf_counter()
         sync_s = run.engine.sync_weights(run.policy) if synced else 0.0  # 1. new weights into the engine
+        n_syncs += synced
+        verify_s = time.perf_counter()
+        if synced and c.verify_sync_every and n_syncs % c.verify_sync_every == 1 % c.verify_sync_every:
+            run.engine.greedy_check(run.policy, [p["prompt_ids"] for p in run.prompts[:4]])  # raises on mismatch
+        verify_s = time.perf_counter() - verify_s
         exp, m = make_experience(run, step)  # 1-4
         t1 = time.perf_counter()
         m |= ppo_update(run, exp, step)  # 5
         synced = not m["value_warmup"]  # the policy moved: the engine needs its weights before the next rollout
         run.kl_ctl.update(m["kl_k1"], c.rollout_batch_prompts * c.samples_per_prompt)
         dt = time.perf_counter() - t0
-        m |= {"time_sync": sync_s, "time_train": time.perf_counter() - t1, "time_step": dt,
+        m |= {"time_sync": sync_s, "time_verify_sync": verify_s, "time_train": time.perf_counter() - t1, "time_step": dt,
               "sync_share": sync_s / dt, "episodes_per_s": len(exp["mask"]) / dt}
         if run.heldout_rows and ((step + 1) % c.tax_every == 0 or step + 1 == c.max_steps):  # 6. alignment tax
             m["heldout_lm_loss"] = tax()
