@@ -107,3 +107,21 @@ def restore_run_state(accelerator, ckpt_dir: str | Path, optimizer, scheduler) -
                          f"resume with the same number of processes")
     set_rng_state(rngs[accelerator.process_index])
     return state["train_state"]
+
+
+def begin_run(c):
+    """Phase 1 of every trainer: the accelerator, the run folder and its checkpoint root, the checkpoint to resume
+    from (None: a fresh start), and the seeds. `c` has precision, grad_accum_steps, micro_batch_size_per_rank,
+    output_dir, resume and seed. Returns (acc, out, world_size, rank, ckpt_root, resume_dir)."""
+    import random
+
+    import numpy as np
+
+    from common.checkpoint import latest_checkpoint
+
+    acc = make_accelerator(c.precision, c.grad_accum_steps, c.micro_batch_size_per_rank)
+    out = Path(c.output_dir)
+    ckpt_root = out / "checkpoints"
+    resume_dir = latest_checkpoint(ckpt_root) if c.resume else None
+    random.seed(c.seed), np.random.seed(c.seed), torch.manual_seed(c.seed)
+    return acc, out, acc.num_processes, acc.process_index, ckpt_root, resume_dir

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from common.atomic import atomic_dir
 from model.qwen import QwenConfig, QwenForCausalLM
 
 # config.json keys that map onto QwenConfig fields one to one.
@@ -123,23 +122,6 @@ def load_causal_lm(path, dtype: torch.dtype = torch.float32, **overrides) -> Qwe
     return model.eval()
 
 
-def atomic_dir(final: Path):
-    """A temporary sibling folder; call `commit(tmp, final)` to swap it into place."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-
-
-def commit_dir(tmp: Path, final: Path):
-    """Replace `final` by `tmp`; the old folder is removed only after the new one is in place."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old)
-
-
 def write_weights(sd: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int = 2 * 1024**3):
     """Write safetensors, sharded with an index file when larger than max_shard_bytes."""
     sd = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
@@ -167,9 +149,7 @@ def write_weights(sd: dict[str, torch.Tensor], folder: Path, max_shard_bytes: in
 def save_causal_lm(model: QwenForCausalLM, path, tokenizer=None, max_shard_bytes: int = 2 * 1024**3):
     """Save as a Hugging Face Qwen2ForCausalLM folder. With tied embeddings `lm_head.weight` is left out, as
     transformers does (the rollout weight sync sends it explicitly; see rollout/)."""
-    final = Path(path)
-    tmp = atomic_dir(final)
-    try:
+    with atomic_dir(path) as tmp:  # a half-written folder never replaces the old one
         sd = model.state_dict()
         if model.config.tie_word_embeddings:
             sd.pop("lm_head.weight")
@@ -179,11 +159,7 @@ def save_causal_lm(model: QwenForCausalLM, path, tokenizer=None, max_shard_bytes
         write_generation_config(model.config, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        commit_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
+    return Path(path)
 
 
 def write_generation_config(cfg: QwenConfig, folder: Path):

@@ -9,14 +9,13 @@ transformers; loading from a plain causal-LM folder takes its backbone and start
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from model.checkpoint import (atomic_dir, check_keys, commit_dir, config_to_hf, read_config, read_state_dict,
-                              write_weights)
+from common.atomic import atomic_dir
+from model.checkpoint import check_keys, config_to_hf, read_config, read_state_dict, write_weights
 from model.qwen import QwenConfig, QwenModel
 
 
@@ -57,9 +56,7 @@ class ScalarHeadModel(nn.Module):
     def save_pretrained(self, path, tokenizer=None, extra_files: dict[str, dict] | None = None):
         """Write a Qwen2ForSequenceClassification folder; `extra_files` are JSON files saved beside it
         (e.g. the reward normalisation statistics PPO reads)."""
-        final = Path(path)
-        tmp = atomic_dir(final)
-        try:
+        with atomic_dir(path) as tmp:  # a half-written folder never replaces the old one
             dtype = next(self.parameters()).dtype
             write_weights(self.state_dict(), tmp)
             hf = config_to_hf(self.config, dtype, "Qwen2ForSequenceClassification")
@@ -71,8 +68,4 @@ class ScalarHeadModel(nn.Module):
                 (tmp / name).write_text(json.dumps(obj, indent=2))
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(tmp))
-            commit_dir(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return final
+        return Path(path)

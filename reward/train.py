@@ -123,24 +123,16 @@ def save_reward_model(model, path: Path, tokenizer, stats: dict | None = None) -
 # ----------------------------------------------------------------------------------------------------------------
 def train(c: RewardConfig) -> list[float]:
     """Run one reward-model stage as configured; returns the mini-batch losses of the steps run by this call."""
-    import random
-
-    import numpy as np
     from tqdm.auto import tqdm
 
-    from common.checkpoint import latest_checkpoint
     from common.guard import check_finite
-    from common.loop import (make_accelerator, mini_batch_rows, rank_micro_batches, restore_run_state,
+    from common.loop import (begin_run, mini_batch_rows, rank_micro_batches, restore_run_state,
                              save_run_checkpoint, steps_per_epoch)
     from common.metrics import MetricsLogger
     from common.optim import build_adamw, constant_with_warmup
 
     # 1. accelerator, seed, resume point
-    acc = make_accelerator(c.precision, c.grad_accum_steps, c.micro_batch_size_per_rank)
-    out, W, rank = Path(c.output_dir), acc.num_processes, acc.process_index
-    ckpt_root = out / "checkpoints"
-    resume_dir = latest_checkpoint(ckpt_root) if c.resume else None
-    random.seed(c.seed), np.random.seed(c.seed), torch.manual_seed(c.seed)
+    acc, out, W, rank, ckpt_root, resume_dir = begin_run(c)
 
     # 2. tokenizer and pairs (every rank builds the same list; the batch plan picks each rank's share)
     tokenizer = load_tokenizer(c.tokenizer)
