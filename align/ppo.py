@@ -1,7 +1,7 @@
 """PPO (Qwen report sec. 3.2.2): policy from SFT, frozen reference, frozen reward model, value model initialised
 from the reward model; per-token KL penalty, clipped policy and value losses, GAE, PPO-ptx.
 
-    accelerate launch align/ppo.py                     # embedded demo: runs/demo/sft/final + runs/demo/reward/final
+    accelerate launch align/ppo.py                     # embedded demo: runs/demo/sft/final + runs/demo/rm/final
     accelerate launch align/ppo.py --config configs/ppo.yaml [--field value ...]
 
 One PPO step (iteration), in numbered phases:
@@ -38,7 +38,7 @@ DEMO_DIR = Path(__file__).resolve().parents[1] / "data" / "demo"
 class PPOConfig:
     # --- models (four: policy, reference = frozen policy copy, reward, value) ---
     policy_path: str = cfg("runs/demo/sft/final", "SFT model folder (Qwen2ForCausalLM): the policy and the frozen reference")
-    reward_path: str = cfg("runs/demo/reward/final", "reward-model folder (reward/train.py), read at <|reward|>")
+    reward_path: str = cfg("runs/demo/rm/final", "reward-model folder (reward/train.py), read at <|reward|>")
     value_path: Optional[str] = cfg(None, "value-model init; None = the reward model (sec. 3.2.2)")
     tokenizer: Optional[str] = cfg(None, "policy tokenizer: None = the one saved in policy_path, else 'qwen2'/'small'/folder")
     reward_tokenizer: Optional[str] = cfg(None, "reward tokenizer: None = the one saved in reward_path, else as above")
