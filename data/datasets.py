@@ -1,6 +1,6 @@
 """Datasets: load records, turn them into token examples with explicit truncation, pack, collate, mix.
 
-Record kinds (TRL's dataset formats, /work/shared/formats/README.md):
+Record kinds (TRL's dataset formats, tests/fixtures/formats/README.md):
   "sft"         {"messages": [msgs]}  or prompt-completion {"prompt": [msgs], "completion": [msgs]}
   "preference"  {"prompt": [msgs], "chosen": [assistant msg], "rejected": [...]}  (explicit prompt), or
                 {"chosen": [whole conversation], "rejected": [...]}  (implicit prompt: the shared prefix)

@@ -6,7 +6,7 @@ Canonical records (the agreed on-disk formats, see data/datasets.py):
 A parser gets the rows of one input `[(where, obj)]` and returns one `Parsed` per row: its pairs and singles, the
 reasons it yields nothing although valid (ties, equal scores), or the error that makes it malformed. Per-record
 formats go through `_per_record`; tree formats (Open WebUI, LibreChat, OASST) need all rows of the file at once.
-Field names and semantics follow /work/shared/formats/README.md.
+Field names and semantics follow tests/fixtures/formats/README.md.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import shutil
 
 import pytest
@@ -150,12 +151,11 @@ def test_heldout_prompts_are_unseen_and_recognisable(shipped):
 def test_openwebui_export_mirrors_the_sample_and_follows_true_reward(shipped):
     """Same keys as shared/formats' Open WebUI sample at every level we fill; arena siblings rated oppositely."""
     feedbacks = shipped["feedback_openwebui.json"]
-    sample_path = DEMO_DIR.parents[2] / "shared" / "formats" / "openwebui_feedbacks_export.json"
-    if sample_path.exists():
-        sample = json.loads(sample_path.read_text(encoding="utf-8"))[0]
-        assert set(feedbacks[0]) == set(sample) - {"_note"}
-        assert set(feedbacks[0]["snapshot"]["chat"]) == set(sample["snapshot"]["chat"])
-        assert set(feedbacks[0]["snapshot"]["chat"]["chat"]) == set(sample["snapshot"]["chat"]["chat"])
+    sample_path = Path(__file__).parent / "fixtures" / "formats" / "openwebui_feedbacks_export.json"
+    sample = json.loads(sample_path.read_text(encoding="utf-8"))[0]
+    assert set(feedbacks[0]) == set(sample) - {"_note"}
+    assert set(feedbacks[0]["snapshot"]["chat"]) == set(sample["snapshot"]["chat"])
+    assert set(feedbacks[0]["snapshot"]["chat"]["chat"]) == set(sample["snapshot"]["chat"]["chat"])
     arena: dict[tuple[str, str], dict[int, float]] = {}  # (chat, parent message) -> {rating: true reward}
     for fb, (prompt, reply, rating) in zip(feedbacks, demo.owui.feedback_ratings(feedbacks)):
         messages = fb["snapshot"]["chat"]["chat"]["history"]["messages"]

@@ -12,8 +12,9 @@ import pytest
 from data.feedback import main
 from data.io import atomic_open, read_rows, write_jsonl
 
-FORMATS = "/work/shared/formats"
-HH = "/work/shared/data/hh-rlhf/harmless-base-test.jsonl.gz"
+FIXTURES = __import__("pathlib").Path(__file__).parent / "fixtures"  # copies of ../shared (faithful samples, real HH)
+FORMATS = str(FIXTURES / "formats")
+HH = str(FIXTURES / "hh-rlhf" / "harmless-base-test.jsonl.gz")
 
 
 def load(path):

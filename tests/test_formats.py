@@ -1,4 +1,4 @@
-"""Format parsers against the faithful samples in /work/shared/formats/ and malformed variants of them."""
+"""Format parsers against the faithful samples in tests/fixtures/formats/ (copied from ../shared/formats/) and malformed variants of them."""
 
 import copy
 import json
@@ -9,7 +9,7 @@ import pytest
 from data.formats import RecordError, detect_format, parse_rows, parse_thumb, path_to_root, split_hh
 from data.io import read_rows
 
-FORMATS = "/work/shared/formats"
+FORMATS = str(__import__("pathlib").Path(__file__).parent / "fixtures" / "formats")  # copies of ../shared/formats
 
 
 def u(text):
