@@ -1,7 +1,7 @@
 """Reward-model benchmark: pairwise accuracy of every model on every preference dataset (Qwen report Table 4).
 
     python -m reward.bench --model PMP=runs/pmp/final --model RM=runs/rm/final \\
-        --data demo=data/demo/rm_test.jsonl --data hh=../shared/data/hh-rlhf/harmless-base-test.jsonl.gz
+        --data demo=data/demo/rm_test.jsonl --data hh=tests/fixtures/hh-rlhf/harmless-base-test.jsonl.gz
 
 Rows are models, columns datasets, cells accuracy % (share of pairs where r(chosen) > r(rejected)), plus a mean
 column. Also reports length bias: how often the human-chosen reply is the longer one, and how often each model

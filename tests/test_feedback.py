@@ -6,13 +6,14 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from data.feedback import main
 from data.io import atomic_open, read_rows, write_jsonl
 
-FIXTURES = __import__("pathlib").Path(__file__).parent / "fixtures"  # copies of ../shared (faithful samples, real HH)
+FIXTURES = Path(__file__).parent / "fixtures"  # copies of ../shared (faithful samples, real HH)
 FORMATS = str(FIXTURES / "formats")
 HH = str(FIXTURES / "hh-rlhf" / "harmless-base-test.jsonl.gz")
 

@@ -3,13 +3,14 @@
 import copy
 import json
 import os
+from pathlib import Path
 
 import pytest
 
 from data.formats import RecordError, detect_format, parse_rows, parse_thumb, path_to_root, split_hh
 from data.io import read_rows
 
-FORMATS = str(__import__("pathlib").Path(__file__).parent / "fixtures" / "formats")  # copies of ../shared/formats
+FORMATS = str(Path(__file__).parent / "fixtures" / "formats")  # copies of ../shared/formats
 
 
 def u(text):
