@@ -307,10 +307,7 @@ def train(c: DPOConfig) -> list[float]:
     # 4. resume: optimizer, scheduler, RNG, the cached reference table; the data position is the step
     start, state = 0, {}
     if resume_dir is not None:
-        state = restore_run_state(acc, resume_dir, optimizer, scheduler)
-        if state["n_pairs"] != len(pairs):
-            raise ValueError(f"{resume_dir}: saved with {state['n_pairs']} pairs, the data now gives {len(pairs)}; "
-                             f"resume with the same data and seq_len or use a new output_dir")
+        state = restore_run_state(acc, resume_dir, optimizer, scheduler, "n_pairs", len(pairs))
         start = state["step"]
 
     # 5. reference: cached table (computed before the first optimizer step) or a forward per micro batch

@@ -266,10 +266,7 @@ def train(c: SFTConfig) -> list[float]:
     # 4. resume: optimizer, scheduler, RNG; the data position is the step (the batch plan is a function of it)
     start = 0
     if resume_dir is not None:
-        state = restore_run_state(acc, resume_dir, optimizer, scheduler)
-        if state["n_rows"] != len(rows):
-            raise ValueError(f"{resume_dir}: saved with {state['n_rows']} rows, the data now gives {len(rows)}; "
-                             f"resume with the same data and seq_len or use a new output_dir")
+        state = restore_run_state(acc, resume_dir, optimizer, scheduler, "n_rows", len(rows))
         start = state["step"]
     if acc.is_main_process:
         save_config(c, out / "config.yaml")

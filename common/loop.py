@@ -93,8 +93,10 @@ def save_run_checkpoint(accelerator, root: str | Path, step: int, save_model: Ca
     return path
 
 
-def restore_run_state(accelerator, ckpt_dir: str | Path, optimizer, scheduler) -> dict[str, Any]:
-    """Load optimizer, scheduler and this rank's RNG state from a checkpoint; return its train_state."""
+def restore_run_state(accelerator, ckpt_dir: str | Path, optimizer, scheduler, count_key: str | None = None,
+                      count: int | None = None) -> dict[str, Any]:
+    """Load optimizer, scheduler and this rank's RNG state from a checkpoint; return its train_state. With
+    `count_key`, the saved train_state[count_key] must equal `count` (the batch plan depends on the data size)."""
     state = load_checkpoint_state(ckpt_dir)
     if state["optimizer"] is None:
         raise ValueError(f"{ckpt_dir}: checkpoint has no optimizer state (written under DeepSpeed ZeRO); "
@@ -106,7 +108,12 @@ def restore_run_state(accelerator, ckpt_dir: str | Path, optimizer, scheduler) -
         raise ValueError(f"{ckpt_dir}: saved by {len(rngs)} ranks, resuming with {accelerator.num_processes}; "
                          f"resume with the same number of processes")
     set_rng_state(rngs[accelerator.process_index])
-    return state["train_state"]
+    ts = state["train_state"]
+    if count_key is not None and ts[count_key] != count:
+        what = count_key.removeprefix("n_")
+        raise ValueError(f"{ckpt_dir}: saved with {ts[count_key]} {what}, the data now gives {count}; "
+                         f"resume with the same data and seq_len or use a new output_dir")
+    return ts
 
 
 def begin_run(c):

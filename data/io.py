@@ -8,14 +8,13 @@ Ctrl-C never leaves a half-written output behind.
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import json
-import os
-import tempfile
 import zlib
 from collections.abc import Iterable, Iterator
 from typing import IO, Any
+
+from common.atomic import atomic_open  # noqa: F401  (the one atomic writer; re-exported for data/ users)
 
 DEFAULT_MAX_LINE_BYTES = 16 * 2**20  # a 16 MiB JSONL line is far beyond any real chat; larger is a broken export
 _BLOCK = 2**20
@@ -128,27 +127,6 @@ def _parse_line(where: str, line: bytes, first: bool) -> Iterator[tuple[str, Any
         yield where, json.loads(text), None
     except json.JSONDecodeError as e:
         yield where, None, f"invalid JSON at column {e.colno}: {e.msg}"
-
-
-@contextlib.contextmanager
-def atomic_open(path: str) -> Iterator[IO[str]]:
-    """Text file handle whose content appears at `path` only if the block finishes without an exception."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs get the usual permissions
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
 
 
 def write_jsonl(path: str, records: Iterable[dict]) -> int:

@@ -161,10 +161,7 @@ def train(c: RewardConfig) -> list[float]:
     # 4. resume: optimizer, scheduler, RNG; the data position is the step
     start = 0
     if resume_dir is not None:
-        state = restore_run_state(acc, resume_dir, optimizer, scheduler)
-        if state["n_pairs"] != len(pairs):
-            raise ValueError(f"{resume_dir}: saved with {state['n_pairs']} pairs, the data now gives {len(pairs)}; "
-                             f"resume with the same data and seq_len or use a new output_dir")
+        state = restore_run_state(acc, resume_dir, optimizer, scheduler, "n_pairs", len(pairs))
         start = state["step"]
     if acc.is_main_process:
         save_config(c, out / "config.yaml")
