@@ -1,6 +1,6 @@
 """Our SFT and reward-model training vs TRL 1.16's SFTTrainer and RewardTrainer, side by side in one run.
 
-    python benchmarks/train_vs_trl.py [--steps 8] [--batch 4] [--hidden 128] [--out runs/bench_trl]
+    python benchmarks/train_vs_trl.py [--steps 20] [--batch 4] [--hidden 128] [--out runs/bench_trl]
 
 Same tiny Qwen2 (2 layers, the real 151,936-token vocabulary, random weights), same tokenizer (the real Qwen2 BPE),
 same records (data/demo/sft.jsonl, data/demo/rm_train.jsonl), same batch size and sequence length, no packing,
@@ -159,7 +159,7 @@ def table(results: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=8, help="optimizer steps per trainer (the first is not timed)")
+    p.add_argument("--steps", type=int, default=20, help="optimizer steps per trainer (the first is not timed)")
     p.add_argument("--batch", type=int, default=4, help="sequences (SFT) or pairs (RM) per optimizer step")
     p.add_argument("--seq_len", type=int, default=512, help="max tokens per sequence")
     p.add_argument("--hidden", type=int, default=128, help="hidden size of the tiny 2-layer Qwen2")

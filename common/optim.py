@@ -41,3 +41,36 @@ def build_adamw(model: torch.nn.Module, lr: float, betas: tuple[float, float], e
             (decay if p.ndim >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps, fused=True)
+
+
+class SparseEmbeddingGrad:
+    """Exact, faster embedding gradients for models that only look the embedding up (reward and value models).
+
+    A dense embedding backward allocates and fills a fresh (V, H) gradient every micro batch (78 MB for Qwen's
+    151,936 x 128; the allocation page-faults on every step) although a batch touches a few hundred rows. Here the
+    lookup returns a sparse gradient (rows touched, summed over micro batches by autograd), and `densify()` writes
+    it, once per optimizer step, into one persistent dense buffer whose previously touched rows are zeroed first,
+    so clipping and the fused AdamW see the same dense gradient as before. Measured on the reward-model step with
+    the real vocabulary: about 1.5-2x faster (benchmarks/train_vs_trl.py). Not for tied output layers (their
+    gradient is dense anyway) and not under DeepSpeed (its engine owns the gradients).
+    """
+
+    def __init__(self, embedding: torch.nn.Embedding):
+        embedding.sparse = True
+        self.weight = embedding.weight
+        self.buffer: torch.Tensor | None = None  # (V, H) persistent dense gradient
+        self.rows: torch.Tensor | None = None  # (n,) rows written at the last densify
+
+    def densify(self) -> None:
+        """Call after the step's backward passes, before clipping: .grad becomes the dense (V, H) gradient."""
+        g = self.weight.grad
+        if g is None or not g.is_sparse:
+            return
+        g = g.coalesce()  # duplicates summed
+        if self.buffer is None:
+            self.buffer = torch.zeros_like(self.weight)
+        elif self.rows is not None:
+            self.buffer.index_fill_(0, self.rows, 0.0)
+        self.rows = g.indices()[0]
+        self.buffer.index_put_((self.rows,), g.values().to(self.buffer.dtype))
+        self.weight.grad = self.buffer
