@@ -49,18 +49,29 @@ def inverse_cdf_sample(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp(max=probs.shape[-1] - 1)
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None):
-    """logits (B, V) -> (tokens (B,), logprobs (B,)): the sampled ids and their log-probs under the temperature-scaled,
-    top-p-truncated distribution they were drawn from (greedy: argmax, log-prob under the raw softmax)."""
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float, u: torch.Tensor):
+    """logits (B, V), u (B,) uniforms in [0, 1) -> (tokens (B,), logprobs (B,)): the sampled ids and their log-probs
+    under the temperature-scaled, top-p-truncated distribution they were drawn from (greedy: argmax, log-prob under
+    the raw softmax; u unused)."""
     logits = logits.float()
     if temperature == 0:
         logp = torch.log_softmax(logits, dim=-1)
         tok = logp.argmax(dim=-1)
     else:
         logp = torch.log_softmax(top_p_filter(logits / temperature, top_p), dim=-1)  # (B, V)
-        u = torch.rand(logits.shape[0], generator=generator, device=logits.device)  # (B,)
         tok = inverse_cdf_sample(logp.exp(), u)
     return tok, logp.gather(1, tok[:, None]).squeeze(1)
+
+
+def row_uniforms(n_prompts: int, params: SamplingParams) -> torch.Tensor:
+    """(n_prompts * n, max_tokens) uniforms, row i*n + j for sample j of prompt i. With a seed, prompt i's rows come
+    from their own stream seeded params.seed + i (as the vLLM engine seeds its requests), so a row's sample does
+    not depend on which other prompts share the batch: the prompts of a PPO step can be split over ranks and give
+    the same responses. Without a seed: torch's global RNG, which trainers checkpoint for exact resume."""
+    if params.seed is None:
+        return torch.rand(n_prompts * params.n, params.max_tokens)
+    return torch.cat([torch.rand(params.n, params.max_tokens, generator=torch.Generator().manual_seed(params.seed + i))
+                      for i in range(n_prompts)])
 
 
 def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,9 +103,7 @@ class BuiltinEngine:
         base = unwrap(self.model)
         check_prompts(prompts, base.config.vocab_size)
         dev = next(base.parameters()).device
-        g = None  # seed None: torch's global RNG, which the trainer checkpoints for exact resume
-        if params.seed is not None:
-            g = torch.Generator(device=dev).manual_seed(params.seed)
+        u = row_uniforms(len(prompts), params).to(dev)  # (N, max_tokens)
         index = [i for i in range(len(prompts)) for _ in range(params.n)]  # (N,) rows of a prompt adjacent
         rows = [list(prompts[i]) for i in index]
         out_ids, out_lp, reasons = [], [], []
@@ -102,7 +111,8 @@ class BuiltinEngine:
         base.eval()  # no dropout while sampling
         try:
             for s in range(0, len(rows), self.max_batch_rows):
-                ids, lps, why = self._generate_batch(base, rows[s:s + self.max_batch_rows], params, g, dev)
+                ids, lps, why = self._generate_batch(base, rows[s:s + self.max_batch_rows], params,
+                                                     u[s:s + self.max_batch_rows], dev)
                 out_ids += ids
                 out_lp += lps
                 reasons += why
@@ -111,8 +121,8 @@ class BuiltinEngine:
         return Rollout(prompt_index=index, prompt_ids=rows, response_ids=out_ids, finish_reason=reasons,
                        sampler_logprobs=out_lp)
 
-    def _generate_batch(self, base, rows, params: SamplingParams, g, dev):
-        """One left-padded batch: prefill, then one token per step for the rows still running."""
+    def _generate_batch(self, base, rows, params: SamplingParams, u: torch.Tensor, dev):
+        """One left-padded batch: prefill, then one token per step for the rows still running. u: (B, max_tokens)."""
         B = len(rows)
         ids, mask = left_pad(rows, self.pad_id, dev)  # (B, P)
         cache = base.new_cache()
@@ -126,7 +136,7 @@ class BuiltinEngine:
         length = torch.zeros(B, dtype=torch.long)
         stopped = torch.zeros(B, dtype=torch.bool)
         for step in range(params.max_tokens):
-            tok, lp = sample_next(logits, params.temperature, params.top_p, g)  # (b,), (b,)
+            tok, lp = sample_next(logits, params.temperature, params.top_p, u[active, step])  # (b,), (b,)
             rows_now = active.cpu()
             toks[rows_now, step], lps[rows_now, step] = tok.cpu(), lp.float().cpu()
             length[rows_now] = step + 1

@@ -105,14 +105,14 @@ def test_sampled_logprob_is_under_the_truncated_renormalised_distribution():
     Temperature 2 on logits (0, ln 4): scaled (0, ln 2), probs (1/3, 2/3)."""
     g = torch.Generator().manual_seed(0)
     logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log().repeat(200, 1)
-    tok, lp = sample_next(logits, 1.0, 0.75, g)
+    tok, lp = sample_next(logits, 1.0, 0.75, torch.rand(200, generator=g))
     assert set(tok.tolist()) == {0, 1}
     expected = torch.where(tok == 0, math.log(0.625), math.log(0.375))
     torch.testing.assert_close(lp, expected.float())
-    tok, lp = sample_next(torch.tensor([[0.0, math.log(4)]]).repeat(200, 1), 2.0, 1.0, g)
+    tok, lp = sample_next(torch.tensor([[0.0, math.log(4)]]).repeat(200, 1), 2.0, 1.0, torch.rand(200, generator=g))
     torch.testing.assert_close(lp, torch.where(tok == 0, math.log(1 / 3), math.log(2 / 3)).float())
     assert 0.25 < (tok == 0).float().mean() < 0.42  # about 1/3 of 200 draws
-    tok, lp = sample_next(torch.tensor([[0.0, math.log(4)]]), 0.0, 0.5, g)  # greedy: raw softmax, no top-p
+    tok, lp = sample_next(torch.tensor([[0.0, math.log(4)]]), 0.0, 0.5, torch.rand(1))  # greedy: raw softmax, no top-p
     assert tok.tolist() == [1] and lp.item() == pytest.approx(math.log(0.8))
 
 
@@ -189,6 +189,19 @@ def test_seed_reproducible(prompts):
     assert a == b
     assert a.response_ids != c.response_ids
     assert a.response_ids[0] != a.response_ids[1]  # the n samples of one prompt differ
+
+
+def test_seeded_samples_do_not_depend_on_the_batch(prompts):
+    """Prompt i is sampled from the stream seeded seed + i: generating prompts [0] and [1, 2] separately (the second
+    call with seed + 1, as a PPO rank that holds prompts 1..2 does) gives the same rows as one call with all three."""
+    engine = BuiltinEngine(tiny())
+    params = dict(n=2, temperature=1.0, top_p=0.9, max_tokens=8)
+    whole = engine.generate(prompts, SamplingParams(**params, seed=5))
+    first = engine.generate(prompts[:1], SamplingParams(**params, seed=5))
+    rest = engine.generate(prompts[1:], SamplingParams(**params, seed=6))
+    assert first.response_ids + rest.response_ids == whole.response_ids
+    torch.testing.assert_close(torch.tensor([x for r in first.sampler_logprobs + rest.sampler_logprobs for x in r]),
+                               torch.tensor([x for r in whole.sampler_logprobs for x in r]), atol=1e-5, rtol=0)
 
 
 def test_batch_chunks_and_train_mode_restored(prompts):
