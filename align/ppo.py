@@ -221,17 +221,28 @@ def response_values(value_model, batch: dict) -> torch.Tensor:
         * batch["mask"]
 
 
-def lm_loss(policy, rows: list[dict], pad_id: int, chunk_size: int, coef: float = 0.0) -> float:
-    """Token-mean NLL of packed text rows; with coef > 0 also backpropagates coef x NLL (PPO-ptx) through the fused
-    weighted_logprob_sum (gradient computed in the forward)."""
+def label_count(rows: list[dict]) -> int:
+    """Predicted (non-ignored) tokens of packed text rows."""
+    from data.chatml import IGNORE_INDEX
+
+    return sum(t != IGNORE_INDEX for r in rows for t in r["labels"])
+
+
+def lm_loss(policy, rows: list[dict], pad_id: int, chunk_size: int, coef: float = 0.0,
+            n_tokens: int | None = None) -> float:
+    """Summed NLL of packed text rows divided by n_tokens (default: their own token count, i.e. the token mean); with
+    coef > 0 also backpropagates coef x that loss (PPO-ptx) through the fused weighted_logprob_sum (gradient
+    computed in the forward). A rank passes the global batch's n_tokens so the ranks' losses add up to the mean."""
     from data.chatml import IGNORE_INDEX
     from data.datasets import collate
     from model.logprobs import weighted_logprob_sum
 
+    if not rows:
+        return 0.0
     dev = next(policy.parameters()).device
     b = {k: v.to(dev) for k, v in collate(rows, pad_id).items()}
     valid = (b["labels"] != IGNORE_INDEX).float()  # (B, T)
-    n = valid.sum().clamp(min=1)
+    n = max(n_tokens if n_tokens is not None else float(valid.sum()), 1)
     with torch.set_grad_enabled(coef > 0):
         hidden = policy.get_decoder()(b["input_ids"], b["attention_mask"], b["position_ids"])  # (B, T, H)
         total = weighted_logprob_sum(hidden, policy.get_output_embeddings().weight, b["labels"],
@@ -241,14 +252,16 @@ def lm_loss(policy, rows: list[dict], pad_id: int, chunk_size: int, coef: float 
     return float(total.detach()) / (coef if coef > 0 else 1.0)
 
 
-def heldout_loss(policy, rows, pad_id, chunk_size, batch: int = 8) -> float:
-    """Alignment tax probe: token-mean NLL over the held-out pretraining rows (no grad)."""
-    from data.chatml import IGNORE_INDEX
+def heldout_loss(policy, rows: list[dict], pad_id: int, chunk_size: int, batch: int = 8, acc=None) -> float:
+    """Alignment tax probe: token-mean NLL over the held-out pretraining rows (no grad). With an accelerator of W
+    processes the rows are split over the ranks and the partial sums added."""
+    from common.loop import sum_over_ranks
 
-    n_tok = [sum(t != IGNORE_INDEX for t in r["labels"]) for r in rows]
-    total = sum(lm_loss(policy, rows[s:s + batch], pad_id, chunk_size) * sum(n_tok[s:s + batch])
-                for s in range(0, len(rows), batch))
-    return total / max(sum(n_tok), 1)
+    W, rank = (acc.num_processes, acc.process_index) if acc is not None else (1, 0)
+    mine, n_all = rows[rank::W], label_count(rows)
+    total = sum(lm_loss(policy, mine[s:s + batch], pad_id, chunk_size, n_tokens=n_all)
+                for s in range(0, len(mine), batch))
+    return sum_over_ranks(acc, [total])[0] if acc is not None else total
 
 
 class OptimizerPair:
@@ -349,20 +362,27 @@ class Run:
 
 # ----------------------------------------------------------------------------------------------------------------
 def make_experience(run: Run, step: int) -> tuple[dict, dict]:
-    """Phases 1-4 for PPO step `step` (0-based): sample, score, recompute log-probs, shape rewards, GAE."""
-    from common.loop import mini_batch_rows
+    """Phases 1-4 for PPO step `step` (0-based): sample, score, recompute log-probs, shape rewards, GAE.
+
+    With W ranks each samples, scores and recomputes log-probs for its contiguous share of the step's prompts
+    (prompt i's random stream is seeded by (step, i), so the split does not change the samples); the per-row results
+    are gathered in rank order, and phase 4 runs on the whole batch on every rank, as one process would."""
+    from common.loop import gather_lists, mini_batch_rows
     from rollout.base import SamplingParams
 
     c, dev, t = run.c, run.acc.device, {}
+    W, rank = run.acc.num_processes, run.acc.process_index
     # 1. rollout: prompts of this step are a function of (step, seed), so a resumed run samples the same ones
     idx = mini_batch_rows(step, len(run.prompts), c.rollout_batch_prompts, c.seed)
+    per = c.rollout_batch_prompts // W
+    mine = idx[rank * per:(rank + 1) * per]  # this rank's prompts; seeds continue across ranks
     params = SamplingParams(n=c.samples_per_prompt, temperature=c.temperature, top_p=c.top_p,
-                            max_tokens=c.max_new_tokens, stop_token_ids=run.stop_ids, seed=c.seed * 100003 + step)
+                            max_tokens=c.max_new_tokens, stop_token_ids=run.stop_ids,
+                            seed=(c.seed * 100003 + step) * 65536 + rank * per)
     t0 = time.perf_counter()
-    ro = run.engine.generate([run.prompts[i]["prompt_ids"] for i in idx], params)
+    ro = run.engine.generate([run.prompts[i]["prompt_ids"] for i in mine], params)
     t["time_rollout"] = time.perf_counter() - t0
-    messages = [run.prompts[idx[i]]["messages"] for i in ro.prompt_index]
-    N = len(ro.response_ids)
+    messages = [run.prompts[mine[i]]["messages"] for i in ro.prompt_index]
     if any(len(r) == 0 for r in ro.response_ids):
         raise RuntimeError("the engine returned an empty response; max_new_tokens must be >= 1")
 
@@ -370,29 +390,52 @@ def make_experience(run: Run, step: int) -> tuple[dict, dict]:
     from reward.model import pad_sequences, score
 
     t0 = time.perf_counter()
+    n = len(ro.response_ids)
     b = {k: v.to(dev) for k, v in rollout_tensors(ro.prompt_ids, ro.response_ids, run.pad_id).items()}
-    mask = b["mask"]  # (N, R)
     with torch.no_grad(), run.acc.autocast():
         seqs = reward_sequences(ro.prompt_ids, ro.response_ids, messages, run.tok, run.rtok, run.same_tokenizer)
         scores = []
-        for s in range(0, N, c.micro_batch_size):
+        for s in range(0, n, c.micro_batch_size):
             ids, att = pad_sequences(seqs[s:s + c.micro_batch_size], run.reward_pad_id)  # (n, T')
             scores.append(score(run.reward, ids.to(dev), att.to(dev), run.reward_id))
-        rm_score = torch.cat(scores).float()  # (N,)
+        rm_score = torch.cat(scores).float()  # (n,)
         # 3. old / reference log-probs and values from the training models on the sampled tokens
         parts = []
-        for s in range(0, N, c.micro_batch_size):
+        for s in range(0, n, c.micro_batch_size):
             mb = {k: v[s:s + c.micro_batch_size] for k, v in b.items()}
             old, ent = response_logprobs(run.policy, mb, c.temperature, c.chunk_size, entropy=True)
             parts.append((old, ent, response_logprobs(run.ref, mb, c.temperature, c.chunk_size),
                           response_values(run.value, mb)))
-        old_logp, entropy, ref_logp, values = (torch.cat(x).float() for x in zip(*parts))  # each (N, R)
+        per_token = [torch.cat(x).float().cpu() for x in zip(*parts)]  # old, entropy, ref, values: (n, R_rank)
+    true = []
+    if run.true_reward:
+        from data.demo import true_reward
+
+        true = [true_reward(msgs, run.tok.decode(r, skip_special_tokens=True))
+                for msgs, r in zip(messages, ro.response_ids)]
     t["time_score"] = time.perf_counter() - t0
+
+    # gather every rank's rows (one process: its own), in the order one process would have produced them
+    rows = gather_lists(run.acc, [dict(prompt_ids=ro.prompt_ids, response_ids=ro.response_ids,
+                                       finish_reason=ro.finish_reason, sampler_logprobs=ro.sampler_logprobs,
+                                       rm_score=rm_score.cpu(), per_token=per_token, true=true)])
+    ro_prompt_ids = [x for r in rows for x in r["prompt_ids"]]
+    ro_response_ids = [x for r in rows for x in r["response_ids"]]
+    finish = [x for r in rows for x in r["finish_reason"]]
+    sampler_lp = [x for r in rows for x in r["sampler_logprobs"]]
+    N = len(ro_response_ids)
+    b = {k: v.to(dev) for k, v in rollout_tensors(ro_prompt_ids, ro_response_ids, run.pad_id).items()}
+    mask = b["mask"]  # (N, R)
+    R = mask.shape[1]
+    rm_score = torch.cat([r["rm_score"] for r in rows]).to(dev)  # (N,)
+    old_logp, entropy, ref_logp, values = (  # each (N, R): rank blocks right-padded with zeros to the global R
+        torch.cat([torch.nn.functional.pad(r["per_token"][j], (0, R - r["per_token"][j].shape[1])) for r in rows])
+        .to(dev) for j in range(4))
 
     # 4. KL-shaped rewards (score minus the running mean, sec. 3.2.2), GAE, whitened advantages
     # ended with <|im_end|> / <|endoftext|>; a sampled <|reward|> also stops a row, but counts as no EOS
     has_eos = torch.tensor([f == "stop" and r[-1] in run.stop_ids[:2] for f, r in
-                            zip(ro.finish_reason, ro.response_ids)], device=dev)  # (N,)
+                            zip(finish, ro_response_ids)], device=dev)  # (N,)
     run.reward_stats.update(rm_score)
     norm_score = run.reward_stats.normalise(rm_score, use_std=c.reward_norm_std)
     kl = kl_penalty(old_logp, ref_logp, c.kl_estimator)  # (N, R)
@@ -400,8 +443,7 @@ def make_experience(run: Run, step: int) -> tuple[dict, dict]:
     adv, returns = gae(rewards, values, mask, c.gamma, c.lam)
     if c.whiten_advantages:
         adv = whiten(adv, mask)
-    gap = (old_logp - torch.tensor([x + [0.0] * (mask.shape[1] - len(x)) for x in ro.sampler_logprobs],
-                                   device=dev)).abs() * mask
+    gap = (old_logp - torch.tensor([x + [0.0] * (R - len(x)) for x in sampler_lp], device=dev)).abs() * mask
     seq_sum = lambda x: float((x * mask).sum(-1).mean())  # noqa: E731  mean over responses of a per-response sum
     m = {"rm_score": float(rm_score.mean()), "score_normalised": float(norm_score.mean()),
          "kl_k1": seq_sum(kl_penalty(old_logp, ref_logp, "k1")), "kl_k3": seq_sum(kl_penalty(old_logp, ref_logp, "k3")),
@@ -410,20 +452,22 @@ def make_experience(run: Run, step: int) -> tuple[dict, dict]:
          "returns_mean": float(token_mean(returns, mask)), "values_mean": float(token_mean(values, mask)),
          "logprob_gap_max": float(gap.max()), "logprob_gap_mean": float(gap.sum() / mask.sum()), **t}
     if run.true_reward:
-        from data.demo import true_reward
-
-        m["true_reward"] = sum(true_reward(msgs, run.tok.decode(r, skip_special_tokens=True))
-                               for msgs, r in zip(messages, ro.response_ids)) / N
+        m["true_reward"] = sum(x for r in rows for x in r["true"]) / N
     exp = dict(b, old_logp=old_logp, values=values, advantages=adv, returns=returns)
     return exp, m
 
 
 def ppo_update(run: Run, exp: dict, step: int) -> dict:
-    """Phase 5: PPO epochs over shuffled mini batches; policy (+ ptx) only after the value warmup."""
+    """Phase 5: PPO epochs over shuffled mini batches; policy (+ ptx) only after the value warmup.
+
+    Every rank holds the whole experience and the same mini-batch order; rank r backpropagates rows r, r + W, ... of
+    each mini batch with losses divided by the mini batch's token count, and the gradients are summed over ranks,
+    so the step equals one process's."""
     from common.guard import check_finite
-    from common.loop import mini_batch_rows
+    from common.loop import mini_batch_rows, sum_gradients, sum_over_ranks
 
     c, N = run.c, exp["mask"].shape[0]
+    W, rank = run.acc.num_processes, run.acc.process_index
     warmup = step < c.value_warmup_steps  # sec. 3.2.2: the value model learns first, the policy stays frozen
     mini = N // c.num_mini_batches
     sums: dict[str, float] = {}
@@ -433,30 +477,36 @@ def ppo_update(run: Run, exp: dict, step: int) -> dict:
         for k in range(c.num_mini_batches):
             rows = order[k * mini:(k + 1) * mini]
             n_tok = float(exp["mask"][rows].sum())  # token_mean over the whole MINI batch, not per micro batch
-            stats: dict[str, float] = {}
-            for s in range(0, mini, c.micro_batch_size):
-                mb = {key: v[rows[s:s + c.micro_batch_size].to(v.device)] for key, v in exp.items()}
+            mine = rows[rank::W]  # this rank's share of the mini batch
+            keys = ["value_loss", "value_clip_frac"] + ([] if warmup else ["policy_loss", "policy_clip_frac",
+                                                                             "approx_kl"])
+            stats = dict.fromkeys(keys, 0.0)
+            for s in range(0, len(mine), c.micro_batch_size):
+                mb = {key: v[mine[s:s + c.micro_batch_size].to(v.device)] for key, v in exp.items()}
                 with run.acc.autocast():
                     v_new = response_values(run.value, mb)  # (n, R)
                     vl, vstats = value_loss(v_new.float(), mb["values"], mb["returns"], mb["mask"], c.value_clip,
                                             total=n_tok)
-                    loss, add = vl, {"value_loss": vl.item(), **{k2: x.item() * len(mb["mask"]) / mini
-                                                                 for k2, x in vstats.items()}}
+                    loss, add = vl, {"value_loss": vl.item(), **{k2: x.item() for k2, x in vstats.items()}}
                     if not warmup:
                         logp = response_logprobs(run.policy, mb, c.temperature, c.chunk_size)  # (n, R)
                         pl, pstats = ppo_policy_loss(logp.float(), mb["old_logp"], mb["advantages"], mb["mask"],
                                                      c.clip, total=n_tok)
                         loss = loss + pl
-                        add |= {"policy_loss": pl.item(), **{k2: x.item() * len(mb["mask"]) / mini
-                                                             for k2, x in pstats.items()}}
+                        add |= {"policy_loss": pl.item(), **{k2: x.item() for k2, x in pstats.items()}}
                 check_finite(step + 1, {"loss": loss})
                 loss.backward()
                 for k2, x in add.items():
-                    stats[k2] = stats.get(k2, 0.0) + x
+                    stats[k2] += x
             if not warmup and c.ptx_coef > 0:  # PPO-ptx: coef x LM loss on a pretraining batch (InstructGPT)
                 ptx_step = (step * c.ppo_epochs + epoch) * c.num_mini_batches + k
                 rows_ptx = [run.ptx_rows[i] for i in mini_batch_rows(ptx_step, len(run.ptx_rows), c.ptx_rows, c.seed)]
-                stats["ptx_loss"] = lm_loss(run.policy, rows_ptx, run.pad_id, c.chunk_size, coef=c.ptx_coef)
+                stats["ptx_loss"] = lm_loss(run.policy, rows_ptx[rank::W], run.pad_id, c.chunk_size,
+                                            coef=c.ptx_coef, n_tokens=label_count(rows_ptx))
+            stats = dict(zip(stats, sum_over_ranks(run.acc, list(stats.values()))))
+            sum_gradients(run.acc, run.value.parameters())
+            if not warmup:
+                sum_gradients(run.acc, run.policy.parameters())
             stats |= optimizer_steps(run, warmup, step)
             for k2, x in stats.items():
                 sums[k2] = sums.get(k2, 0.0) + x
@@ -494,8 +544,14 @@ def setup(c: PPOConfig) -> tuple[Run, int, Path | None]:
 
     check_inputs(c)
     acc = make_accelerator(c.precision, 1, c.micro_batch_size)
-    if acc.num_processes > 1:
-        raise ConfigError("align/ppo.py runs on one process for now; launch it with --num_processes 1")
+    W = acc.num_processes
+    if acc.distributed_type.value == "DEEPSPEED":
+        raise ConfigError("align/ppo.py sums the ranks' gradients itself and does not run under DeepSpeed; launch it "
+                          "with configs/accelerate/multi_gpu.yaml or multi_cpu.yaml")
+    n_resp = c.rollout_batch_prompts * c.samples_per_prompt
+    if c.rollout_batch_prompts % W or (n_resp // c.num_mini_batches) % W:
+        raise ConfigError(f"with {W} processes, rollout_batch_prompts ({c.rollout_batch_prompts}) and the mini batch "
+                          f"({n_resp // c.num_mini_batches} responses) must both be multiples of {W}")
     resume_dir = latest_checkpoint(Path(c.output_dir) / "checkpoints") if c.resume else None
     random.seed(c.seed), np.random.seed(c.seed), torch.manual_seed(c.seed)
     tok, rtok = folder_tokenizer(c.tokenizer, c.policy_path), folder_tokenizer(c.reward_tokenizer, c.reward_path)
@@ -523,11 +579,14 @@ def setup(c: PPOConfig) -> tuple[Run, int, Path | None]:
                              f"{len(prompts)}; resume with the same data or use a new output_dir")
         start, run.tax_start = ts["step"], ts["tax_start"]
         kl_ctl.load_state_dict(ts["kl_ctl"]), run.reward_stats.load_state_dict(ts["reward_stats"])
-        set_rng_state(state["rng_states"][0])
+        if len(state["rng_states"]) != W:
+            raise ValueError(f"{resume_dir}: saved by {len(state['rng_states'])} processes, resuming with {W}; "
+                             f"resume with the same number of processes")
+        set_rng_state(state["rng_states"][acc.process_index])
     if acc.is_main_process:
         save_config(c, Path(c.output_dir) / "config.yaml")
         print(f"[ppo] {report}\n[ppo] {len(prompts)} prompts, {len(ptx)} ptx rows, {len(heldout)} held-out rows, "
-              f"{c.rollout_batch_prompts * c.samples_per_prompt} responses/step, steps {start}->{c.max_steps}, "
+              f"{n_resp} responses/step over {W} process(es), steps {start}->{c.max_steps}, "
               f"engine {c.engine}, tokenizers {'equal' if same else 'differ: re-tokenising'}, resume from "
               f"{resume_dir}", flush=True)
     return run, start, resume_dir
@@ -555,7 +614,7 @@ def train(c: PPOConfig) -> list[dict]:
     run, start, resume_dir = setup(c)
     out = Path(c.output_dir)
     log = MetricsLogger(out, enabled=run.acc.is_main_process, resume_step=start if resume_dir else None)
-    tax = lambda: heldout_loss(run.policy, run.heldout_rows, run.pad_id, c.chunk_size)  # noqa: E731
+    tax = lambda: heldout_loss(run.policy, run.heldout_rows, run.pad_id, c.chunk_size, acc=run.acc)  # noqa: E731
     if run.heldout_rows and run.tax_start is None:  # the alignment tax before PPO
         run.tax_start = tax()
         log.log(0, {"heldout_lm_loss": run.tax_start, "alignment_tax": 0.0})

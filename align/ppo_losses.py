@@ -29,8 +29,9 @@ def sequence_mean(x: torch.Tensor, mask: torch.Tensor, total: float | None = Non
     return per_seq.sum() / denom.clamp(min=1)
 
 
-def _stat(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return token_mean(x.detach().float(), mask)
+def _stat(x: torch.Tensor, mask: torch.Tensor, total: float | None = None) -> torch.Tensor:
+    """Token mean without gradient; with `total` (the mini batch's tokens) shards' stats add up to the batch's."""
+    return token_mean(x.detach().float(), mask, total)
 
 
 # ---------------------------------------------------------------------------------------------------- losses
@@ -46,8 +47,8 @@ def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
     loss = reduce(torch.maximum(unclipped, clipped), mask, total)
-    stats = {"policy_clip_frac": _stat((clipped > unclipped).float(), mask),
-             "approx_kl": _stat((ratio - 1.0) - log_ratio, mask)}
+    stats = {"policy_clip_frac": _stat((clipped > unclipped).float(), mask, total),
+             "approx_kl": _stat((ratio - 1.0) - log_ratio, mask, total)}
     return loss, stats
 
 
@@ -61,7 +62,7 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     v_clipped = old_values + torch.clamp(values - old_values, -clip, clip)  # (B, R)
     err, err_clipped = (values - returns) ** 2, (v_clipped - returns) ** 2
     loss = 0.5 * reduce(torch.maximum(err, err_clipped), mask, total)
-    return loss, {"value_clip_frac": _stat((err_clipped > err).float(), mask)}
+    return loss, {"value_clip_frac": _stat((err_clipped > err).float(), mask, total)}
 
 
 # ---------------------------------------------------------------------------------------------------- advantages

@@ -132,3 +132,37 @@ def begin_run(c):
     resume_dir = latest_checkpoint(ckpt_root) if c.resume else None
     random.seed(c.seed), np.random.seed(c.seed), torch.manual_seed(c.seed)
     return acc, out, acc.num_processes, acc.process_index, ckpt_root, resume_dir
+
+
+def gather_lists(accelerator, local: list) -> list:
+    """Every rank's list concatenated in rank order (one process: `local` itself). Python objects, CPU tensors."""
+    if accelerator.num_processes == 1:
+        return local
+    from accelerate.utils import gather_object
+
+    return gather_object(local)
+
+
+def sum_over_ranks(accelerator, values: list[float]) -> list[float]:
+    """Element-wise sum of a list of floats over ranks (float64; one process: unchanged)."""
+    if accelerator.num_processes == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=accelerator.device)
+    return accelerator.reduce(t, "sum").cpu().tolist()
+
+
+def sum_gradients(accelerator, params) -> None:
+    """All-reduce (sum) the gradients over ranks, a missing gradient counting as zeros. For loops whose per-rank
+    losses are already divided by the GLOBAL batch's token count (PPO), so the sum is the one-process gradient."""
+    if accelerator.num_processes == 1:
+        return
+    params = [p for p in params if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.flatten() for p in params])  # one collective instead of one per tensor
+    torch.distributed.all_reduce(flat)
+    offset = 0
+    for p in params:
+        p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
+        offset += p.numel()

@@ -154,3 +154,43 @@ def test_ptx_adds_the_lm_loss(world, tmp_path):
     assert any(not torch.equal(a[k], b[k]) for k in a)
     rows = [json.loads(x) for x in (tmp_path / "on" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "heldout_lm_loss" in r] == [0, 1]
+
+
+@pytest.mark.slow
+def test_two_ranks_give_the_same_steps_as_one_process(world, tmp_path):
+    """`accelerate launch` with 2 gloo ranks vs 1 process, same config: each rank samples and scores half the prompts,
+    and backpropagates half of each of the 2 mini batches; the gathered rollouts, every logged metric of a warmup
+    step and two policy steps (with ptx and adaptive KL), and the final policy and value weights agree."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    args = [str(repo / "align" / "ppo.py"), "--policy_path", str(world / "policy"), "--reward_path",
+            str(world / "reward"), "--prompt_files", str(world / "prompts.jsonl"), "--pretrain_files",
+            str(world / "pretrain.jsonl"), "--heldout_files", str(world / "heldout.jsonl"), "--ptx_seq_len", "32",
+            "--heldout_rows", "4", "--rollout_batch_prompts", "4", "--max_new_tokens", "6", "--micro_batch_size", "2",
+            "--num_mini_batches", "2", "--value_warmup_steps", "1", "--max_steps", "3", "--policy_lr", "1e-3",
+            "--value_lr", "1e-3", "--ptx_coef", "0.5", "--ptx_rows", "2", "--kl_adaptive", "true", "--tax_every",
+            "1", "--true_reward", "false"]
+    subprocess.run([sys.executable, *args, "--output_dir", str(tmp_path / "one")], check=True, env=env, cwd=repo)
+    subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                    str(repo / "configs" / "accelerate" / "multi_cpu.yaml"), *args, "--output_dir",
+                    str(tmp_path / "two")], check=True, env=env, cwd=repo)
+    from common.metrics import read_jsonl
+
+    one, two = (read_jsonl(tmp_path / d / "metrics.jsonl") for d in ("one", "two"))
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [0, 1, 2, 3]
+    skip = ("time_", "sync_share", "episodes_per_s")
+    for a, b in zip(one, two):
+        keys = [k for k in a if not k.startswith(skip)]
+        assert keys == [k for k in b if not k.startswith(skip)]
+        for k in keys:
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (a["step"], k)
+    assert "policy_loss" in one[-1] and "ptx_loss" in one[-1]
+    for sub in ("final", "checkpoints/step-00000003/value"):
+        wa, wb = _weights(tmp_path / "one" / sub), _weights(tmp_path / "two" / sub)
+        for k in wa:
+            torch.testing.assert_close(wb[k], wa[k], atol=1e-5, rtol=1e-4, msg=k)
