@@ -358,6 +358,7 @@ class Run:
     reward_stats: RunningMeanStd
     true_reward: bool
     tax_start: float | None = None
+    value_emb_grad: object = None  # common.optim.SparseEmbeddingGrad of the value model (None: dense gradient)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -504,6 +505,8 @@ def ppo_update(run: Run, exp: dict, step: int) -> dict:
                 stats["ptx_loss"] = lm_loss(run.policy, rows_ptx[rank::W], run.pad_id, c.chunk_size,
                                             coef=c.ptx_coef, n_tokens=label_count(rows_ptx))
             stats = dict(zip(stats, sum_over_ranks(run.acc, list(stats.values()))))
+            if run.value_emb_grad is not None:
+                run.value_emb_grad.densify()
             sum_gradients(run.acc, run.value.parameters())
             if not warmup:
                 sum_gradients(run.acc, run.policy.parameters())
@@ -539,7 +542,7 @@ def setup(c: PPOConfig) -> tuple[Run, int, Path | None]:
 
     from common.checkpoint import latest_checkpoint, load_checkpoint_state, set_rng_state
     from common.loop import make_accelerator
-    from common.optim import build_adamw
+    from common.optim import SparseEmbeddingGrad, build_adamw
     from data.chatml import REWARD_TOKEN, special_id
 
     check_inputs(c)
@@ -568,7 +571,8 @@ def setup(c: PPOConfig) -> tuple[Run, int, Path | None]:
         FixedKLController(c.kl_coef)
     run = Run(c, acc, policy, ref, reward, value, opt, build_engine(c, policy, pad(tok)), tok, rtok, same, pad(tok),
               pad(rtok), special_id(rtok, REWARD_TOKEN), stop_ids(tok),
-              prompts, ptx, heldout, kl_ctl, RunningMeanStd(), use_true_reward(c))
+              prompts, ptx, heldout, kl_ctl, RunningMeanStd(), use_true_reward(c),
+              value_emb_grad=SparseEmbeddingGrad(value.get_decoder().embed_tokens))  # exact; rows touched only
     start = 0
     if resume_dir is not None:  # exact resume: weights above, then optimizers, statistics and RNG state
         state = load_checkpoint_state(resume_dir)

@@ -163,6 +163,6 @@ def sum_gradients(accelerator, params) -> None:
     flat = torch.cat([p.grad.flatten() for p in params])  # one collective instead of one per tensor
     torch.distributed.all_reduce(flat)
     offset = 0
-    for p in params:
-        p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
+    for p in params:  # views of the summed buffer, not writes into the old .grad (it may be a reused buffer that
+        p.grad = flat[offset:offset + p.numel()].view_as(p)  # must stay this rank's: SparseEmbeddingGrad)
         offset += p.numel()

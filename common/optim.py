@@ -52,7 +52,8 @@ class SparseEmbeddingGrad:
     it, once per optimizer step, into one persistent dense buffer whose previously touched rows are zeroed first,
     so clipping and the fused AdamW see the same dense gradient as before. Measured on the reward-model step with
     the real vocabulary: about 1.5-2x faster (benchmarks/train_vs_trl.py). Not for tied output layers (their
-    gradient is dense anyway) and not under DeepSpeed (its engine owns the gradients).
+    gradient is dense anyway) and not under DeepSpeed (its engine owns the gradients). Code after densify() may
+    scale .grad in place (clipping) but must not write other values into it: replace .grad instead.
     """
 
     def __init__(self, embedding: torch.nn.Embedding):

@@ -108,13 +108,23 @@ class _WeightedLogprobSum(torch.autograd.Function):
                 (grad_w * g).to(ctx.weight_dtype) if grad_w is not None else None, None, None, None, None, None)
 
 
+def _labelled_rows(hidden, labels):
+    """hidden (..., H), labels (...) -> (rows (n,), hidden (n, H), labels (n,)) of the positions with a label.
+    The output layer is applied only there: prompt and user-turn positions (IGNORE_INDEX) need no V-wide logits,
+    and in PPO or SFT they are most of the sequence."""
+    flat = labels.reshape(-1)
+    rows = (flat != IGNORE_INDEX).nonzero().squeeze(1)  # (n,)
+    return rows, hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows), flat.index_select(0, rows)
+
+
 def weighted_logprob_sum(hidden, weight, labels, coef, temperature: float = 1.0, chunk_size: int = DEFAULT_CHUNK):
     """sum(coef * logp(labels)) as a scalar, for losses linear in the log-probs (SFT NLL: coef = -mask / n_tokens;
     PPO-ptx). hidden (B, T, H), labels and coef (B, T). Equals `(coef * token_logprobs(...)).sum()` in value and
-    gradient, faster (no recompute in backward). Positions labelled IGNORE_INDEX contribute nothing."""
-    return _WeightedLogprobSum.apply(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
-                                     coef.reshape(-1).detach(), float(temperature), int(chunk_size),
-                                     torch.is_grad_enabled())
+    gradient, faster (no recompute in backward). Positions labelled IGNORE_INDEX contribute nothing (and cost
+    nothing: the output layer only sees labelled positions)."""
+    rows, h, lab = _labelled_rows(hidden, labels)
+    return _WeightedLogprobSum.apply(h, weight, lab, coef.reshape(-1).detach().index_select(0, rows),
+                                     float(temperature), int(chunk_size), torch.is_grad_enabled())
 
 
 def token_logprobs(hidden, weight, labels, temperature: float = 1.0, chunk_size: int = DEFAULT_CHUNK,
@@ -123,12 +133,15 @@ def token_logprobs(hidden, weight, labels, temperature: float = 1.0, chunk_size:
 
     hidden (B, T, H) or (N, H); weight (V, H); labels of the same leading shape; positions whose label is
     IGNORE_INDEX give 0. Returns logp in fp32 with the leading shape, and the entropy of each row's distribution
-    (no gradient) when return_entropy. Divide by the SAME temperature the sampler used (PITFALLS 7).
+    (no gradient) when return_entropy, 0 where the label is IGNORE_INDEX (those positions are skipped). Divide by
+    the SAME temperature the sampler used (PITFALLS 7).
     """
     lead = labels.shape
-    logp, ent = _TokenLogprobs.apply(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
-                                     float(temperature), int(chunk_size), return_entropy)
-    return (logp.view(lead), ent.view(lead)) if return_entropy else logp.view(lead)
+    rows, h, lab = _labelled_rows(hidden, labels)
+    logp, ent = _TokenLogprobs.apply(h, weight, lab, float(temperature), int(chunk_size), return_entropy)
+    n = labels.numel()
+    logp = logp.new_zeros(n).index_copy(0, rows, logp).view(lead)  # (lead) with 0 on unlabelled positions
+    return (logp, ent.new_zeros(n).index_copy(0, rows, ent).view(lead)) if return_entropy else logp
 
 
 def causal_lm_logprobs(model, input_ids, labels, attention_mask=None, position_ids=None, temperature: float = 1.0,
