@@ -637,7 +637,8 @@ def train(c: PPOConfig) -> list[dict]:
         t1 = time.perf_counter()
         m |= ppo_update(run, exp, step)  # 5
         synced = not m["value_warmup"]  # the policy moved: the engine needs its weights before the next rollout
-        run.kl_ctl.update(m["kl_k1"], c.rollout_batch_prompts * c.samples_per_prompt)
+        if not m["value_warmup"]:  # the frozen policy's KL is 0 by construction: nothing to adapt to
+            run.kl_ctl.update(m["kl_k1"], c.rollout_batch_prompts * c.samples_per_prompt)
         dt = time.perf_counter() - t0
         m |= {"time_sync": sync_s, "time_verify_sync": verify_s, "time_train": time.perf_counter() - t1, "time_step": dt,
               "sync_share": sync_s / dt, "episodes_per_s": len(exp["mask"]) / dt}
@@ -655,7 +656,7 @@ def train(c: PPOConfig) -> list[dict]:
         from model.checkpoint import save_causal_lm
 
         save_causal_lm(run.policy, out / "final", run.tok)
-        keys = [k for k in ("true_reward", "rm_score", "kl_k3", "value_loss", "policy_loss", "entropy",
+        keys = [k for k in ("true_reward", "rm_score", "kl_k1", "kl_coef", "value_loss", "policy_loss", "entropy",
                             "response_length", "alignment_tax") if any(k in r for r in history)]
         plot_metrics(out / "metrics.jsonl", out / "ppo.png", keys, title="PPO")
         print(f"[ppo] done: policy in {out / 'final'}, curves in {out / 'ppo.png'}", flush=True)

@@ -73,7 +73,8 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 
 def plot_metrics(jsonl: str | Path, png: str | Path, keys: list[str], title: str | None = None) -> Path:
-    """One subplot per key (x = step); keys missing from the file are an error. Written atomically."""
+    """One subplot per key (x = step); keys missing from the file are an error. Written atomically. With 20 points
+    or more a trailing 10-step mean is drawn over the raw curve (per-step RL metrics are noisy)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -86,7 +87,12 @@ def plot_metrics(jsonl: str | Path, png: str | Path, keys: list[str], title: str
         if not pts:
             plt.close(fig)
             raise ValueError(f"{jsonl}: no finite values for metric {key!r}")
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 50 else None)
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        ax.plot(xs, ys, marker="." if len(pts) < 50 else None, alpha=0.45 if len(pts) >= 20 else 1.0)
+        if len(pts) >= 20:
+            mean = [sum(ys[max(0, i - 9):i + 1]) / len(ys[max(0, i - 9):i + 1]) for i in range(len(ys))]
+            ax.plot(xs, mean, color="tab:red", linewidth=1.5, label="10-step mean")
+            ax.legend(fontsize=7, loc="best")
         ax.set_xlabel("step")
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)

@@ -119,9 +119,11 @@ def _weights(folder):
 
 def test_value_warmup_freezes_policy_and_lowers_value_loss(world, tmp_path):
     """Three warmup steps: the policy's weights stay exactly the SFT weights (and the KL to the reference is 0),
-    the value loss falls."""
-    c = make_config(world, tmp_path, value_warmup_steps=3, max_steps=3, ppo_epochs=4, value_lr=3e-3)
+    the value loss falls, and the adaptive KL coefficient does not move (a KL of 0 there says nothing)."""
+    c = make_config(world, tmp_path, value_warmup_steps=3, max_steps=3, ppo_epochs=4, value_lr=3e-3,
+                    kl_adaptive=True, kl_target=1.0, kl_horizon=8)
     hist = ppo.train(c)
+    assert [h["kl_coef"] for h in hist] == [0.04] * 3
     assert [h["value_warmup"] for h in hist] == [1.0, 1.0, 1.0]
     assert all("policy_loss" not in h for h in hist) and all(h["kl_k3"] == 0.0 for h in hist)
     before, after = _weights(world / "policy"), _weights(tmp_path / "final")
