@@ -64,6 +64,11 @@ def make_accelerator(precision: str, grad_accum: int, micro_batch: int):
         raise ConfigError(f"a DeepSpeed accelerate config was given but accelerate set up {acc.distributed_type.value}"
                           f" (DeepSpeed needs GPUs and a multi-process launch); on CPU use "
                           f"configs/accelerate/multi_cpu.yaml")
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    if world != acc.num_processes:  # seen with DeepSpeed on CPU: every rank says it is process 0 of 1
+        raise ConfigError(f"accelerate reports {acc.num_processes} process(es) ({acc.distributed_type.value}) but "
+                          f"torch.distributed has {world} ranks, so every rank would think it is rank 0 (and write "
+                          f"the same checkpoint); on CPU use configs/accelerate/multi_cpu.yaml, DeepSpeed needs GPUs")
     if acc.gradient_accumulation_steps != grad_accum:  # accelerate lets its env / DeepSpeed config win silently
         raise ConfigError(f"the accelerate config sets gradient_accumulation_steps={acc.gradient_accumulation_steps}"
                           f" but the run config says grad_accum_steps={grad_accum}; remove it from the accelerate "
