@@ -36,7 +36,13 @@ test-slow: setup
 	$(PY) -m pytest -q -m slow; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
 
 bench: setup
-	$(PY) benchmarks/model.py
+	$(PY) benchmarks/model_step.py
+	$(PY) benchmarks/train_vs_trl.py
+	$(PY) benchmarks/dpo_vs_trl.py
+	$(PY) benchmarks/rollout_engines.py
+	[ -d .cache/trl112/trl ] || $(PIP) install -q --no-deps --target .cache/trl112 trl==1.12.0
+	$(PY) benchmarks/ppo_vs_trl.py --steps 12
+	$(PY) benchmarks/ppo_vs_trl.py --steps 6 --engine vllm --episodes-per-step 32 --response-length 64
 
 clean:
 	rm -rf $(VENV) runs
