@@ -204,6 +204,23 @@ def rollout_tensors(prompt_ids: list[list[int]], response_ids: list[list[int]], 
     return t  # input_ids, attention_mask, labels (N, T); pos (N, R) int; mask (N, R) float
 
 
+def gather_rows(acc, local: dict) -> dict:
+    """Every rank's per-row results, concatenated in rank order (one process: its own). Lists are joined, (n,)
+    tensors concatenated, (n, R_rank) tensors right-padded with zeros to the widest rank's R first."""
+    from common.loop import gather_lists
+
+    parts = gather_lists(acc, [local])
+    out = {}
+    for k, v in local.items():
+        if isinstance(v, torch.Tensor):
+            width = max(p[k].shape[-1] for p in parts) if v.dim() == 2 else 0
+            out[k] = torch.cat([torch.nn.functional.pad(p[k], (0, width - p[k].shape[-1])) if v.dim() == 2 else p[k]
+                                for p in parts])
+        else:
+            out[k] = [x for p in parts for x in p[k]]
+    return out
+
+
 def response_logprobs(model, batch: dict, temperature: float, chunk_size: int, entropy: bool = False):
     """log pi(response tokens) (N, R) from a causal LM (and the entropies, no grad), at the sampler's temperature."""
     from model.logprobs import causal_lm_logprobs
@@ -368,7 +385,7 @@ def make_experience(run: Run, step: int) -> tuple[dict, dict]:
     With W ranks each samples, scores and recomputes log-probs for its contiguous share of the step's prompts
     (prompt i's random stream is seeded by (step, i), so the split does not change the samples); the per-row results
     are gathered in rank order, and phase 4 runs on the whole batch on every rank, as one process would."""
-    from common.loop import gather_lists, mini_batch_rows
+    from common.loop import mini_batch_rows
     from rollout.base import SamplingParams
 
     c, dev, t = run.c, run.acc.device, {}
@@ -407,7 +424,7 @@ def make_experience(run: Run, step: int) -> tuple[dict, dict]:
             old, ent = response_logprobs(run.policy, mb, c.temperature, c.chunk_size, entropy=True)
             parts.append((old, ent, response_logprobs(run.ref, mb, c.temperature, c.chunk_size),
                           response_values(run.value, mb)))
-        per_token = [torch.cat(x).float().cpu() for x in zip(*parts)]  # old, entropy, ref, values: (n, R_rank)
+        old_logp, entropy, ref_logp, values = (torch.cat(x).float().cpu() for x in zip(*parts))  # (n, R_rank)
     true = []
     if run.true_reward:
         from data.demo import true_reward
@@ -416,27 +433,21 @@ def make_experience(run: Run, step: int) -> tuple[dict, dict]:
                 for msgs, r in zip(messages, ro.response_ids)]
     t["time_score"] = time.perf_counter() - t0
 
-    # gather every rank's rows (one process: its own), in the order one process would have produced them
-    rows = gather_lists(run.acc, [dict(prompt_ids=ro.prompt_ids, response_ids=ro.response_ids,
-                                       finish_reason=ro.finish_reason, sampler_logprobs=ro.sampler_logprobs,
-                                       rm_score=rm_score.cpu(), per_token=per_token, true=true)])
-    ro_prompt_ids = [x for r in rows for x in r["prompt_ids"]]
-    ro_response_ids = [x for r in rows for x in r["response_ids"]]
-    finish = [x for r in rows for x in r["finish_reason"]]
-    sampler_lp = [x for r in rows for x in r["sampler_logprobs"]]
-    N = len(ro_response_ids)
-    b = {k: v.to(dev) for k, v in rollout_tensors(ro_prompt_ids, ro_response_ids, run.pad_id).items()}
+    # every rank's rows (one process: its own), in the order one process would have produced them
+    g = gather_rows(run.acc, dict(prompt_ids=ro.prompt_ids, response_ids=ro.response_ids, finish=ro.finish_reason,
+                                  sampler_lp=ro.sampler_logprobs, true=true, rm_score=rm_score.cpu(),
+                                  old_logp=old_logp, entropy=entropy, ref_logp=ref_logp, values=values))
+    N = len(g["response_ids"])
+    b = {k: v.to(dev) for k, v in rollout_tensors(g["prompt_ids"], g["response_ids"], run.pad_id).items()}
     mask = b["mask"]  # (N, R)
     R = mask.shape[1]
-    rm_score = torch.cat([r["rm_score"] for r in rows]).to(dev)  # (N,)
-    old_logp, entropy, ref_logp, values = (  # each (N, R): rank blocks right-padded with zeros to the global R
-        torch.cat([torch.nn.functional.pad(r["per_token"][j], (0, R - r["per_token"][j].shape[1])) for r in rows])
-        .to(dev) for j in range(4))
+    rm_score, old_logp, entropy, ref_logp, values = (g[k].to(dev) for k in  # (N,), then (N, R) each
+                                                     ("rm_score", "old_logp", "entropy", "ref_logp", "values"))
 
     # 4. KL-shaped rewards (score minus the running mean, sec. 3.2.2), GAE, whitened advantages
     # ended with <|im_end|> / <|endoftext|>; a sampled <|reward|> also stops a row, but counts as no EOS
     has_eos = torch.tensor([f == "stop" and r[-1] in run.stop_ids[:2] for f, r in
-                            zip(finish, ro_response_ids)], device=dev)  # (N,)
+                            zip(g["finish"], g["response_ids"])], device=dev)  # (N,)
     run.reward_stats.update(rm_score)
     norm_score = run.reward_stats.normalise(rm_score, use_std=c.reward_norm_std)
     kl = kl_penalty(old_logp, ref_logp, c.kl_estimator)  # (N, R)
@@ -444,7 +455,7 @@ def make_experience(run: Run, step: int) -> tuple[dict, dict]:
     adv, returns = gae(rewards, values, mask, c.gamma, c.lam)
     if c.whiten_advantages:
         adv = whiten(adv, mask)
-    gap = (old_logp - torch.tensor([x + [0.0] * (R - len(x)) for x in sampler_lp], device=dev)).abs() * mask
+    gap = (old_logp - torch.tensor([x + [0.0] * (R - len(x)) for x in g["sampler_lp"]], device=dev)).abs() * mask
     seq_sum = lambda x: float((x * mask).sum(-1).mean())  # noqa: E731  mean over responses of a per-response sum
     m = {"rm_score": float(rm_score.mean()), "score_normalised": float(norm_score.mean()),
          "kl_k1": seq_sum(kl_penalty(old_logp, ref_logp, "k1")), "kl_k3": seq_sum(kl_penalty(old_logp, ref_logp, "k3")),
@@ -453,7 +464,7 @@ def make_experience(run: Run, step: int) -> tuple[dict, dict]:
          "returns_mean": float(token_mean(returns, mask)), "values_mean": float(token_mean(values, mask)),
          "logprob_gap_max": float(gap.max()), "logprob_gap_mean": float(gap.sum() / mask.sum()), **t}
     if run.true_reward:
-        m["true_reward"] = sum(x for r in rows for x in r["true"]) / N
+        m["true_reward"] = sum(g["true"]) / N
     exp = dict(b, old_logp=old_logp, values=values, advantages=adv, returns=returns)
     return exp, m
 
