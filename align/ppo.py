@@ -65,6 +65,7 @@ class PPOConfig:
     kl_adaptive: bool = cfg(False, "adapt the coefficient towards kl_target (Ziegler et al. 2019)")
     kl_target: float = cfg(6.0, "adaptive KL: target KL per response (nats)")
     kl_horizon: int = cfg(10000, "adaptive KL: horizon in responses")
+    kl_min_coef: float = cfg(0.0, "adaptive KL: the coefficient never falls below this (0 = Ziegler et al. as published)")
     kl_estimator: str = cfg("k1", "per-token KL in the reward: 'k1' (log ratio) or 'k3' (never negative)")
     reward_norm_std: bool = cfg(False, "also divide the score by the running std (the mean is always subtracted)")
     eos_missing_penalty: float = cfg(1.0, "subtracted from the normalised score of a response without a stop token")
@@ -116,8 +117,10 @@ class PPOConfig:
                               f"({self.micro_batch_size}); change one of them")
         if not 0 < self.top_p <= 1 or self.temperature <= 0:
             raise ConfigError(f"need 0 < top_p <= 1 and temperature > 0, got {self.top_p}, {self.temperature}")
-        if min(self.kl_coef, self.eos_missing_penalty, self.ptx_coef, self.value_warmup_steps, self.grad_clip) < 0:
-            raise ConfigError("kl_coef, eos_missing_penalty, ptx_coef, value_warmup_steps, grad_clip must be >= 0")
+        if min(self.kl_coef, self.kl_min_coef, self.eos_missing_penalty, self.ptx_coef, self.value_warmup_steps,
+               self.grad_clip) < 0:
+            raise ConfigError("kl_coef, kl_min_coef, eos_missing_penalty, ptx_coef, value_warmup_steps, grad_clip must "
+                              "be >= 0")
         if self.policy_lr <= 0 or self.value_lr <= 0 or self.clip <= 0 or self.value_clip <= 0:
             raise ConfigError("policy_lr, value_lr, clip and value_clip must be > 0")
         if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
@@ -578,7 +581,7 @@ def setup(c: PPOConfig) -> tuple[Run, int, Path | None]:
     policy, ref, reward, value = load_models(c, resume_dir, acc.device)
     opt = OptimizerPair(build_adamw(policy, c.policy_lr, c.betas, 1e-8, c.weight_decay),
                         build_adamw(value, c.value_lr, c.betas, 1e-8, c.weight_decay))
-    kl_ctl = AdaptiveKLController(c.kl_coef, c.kl_target, c.kl_horizon) if c.kl_adaptive else \
+    kl_ctl = AdaptiveKLController(c.kl_coef, c.kl_target, c.kl_horizon, c.kl_min_coef) if c.kl_adaptive else \
         FixedKLController(c.kl_coef)
     run = Run(c, acc, policy, ref, reward, value, opt, build_engine(c, policy, pad(tok)), tok, rtok, same, pad(tok),
               pad(rtok), special_id(rtok, REWARD_TOKEN), stop_ids(tok),

@@ -159,17 +159,19 @@ class FixedKLController:
 
 class AdaptiveKLController(FixedKLController):
     """Ziegler et al. 2019 (sec. 2.2): beta <- beta * (1 + K * e), e = clip(KL / target - 1, -0.2, 0.2),
-    K = n_steps / horizon: the coefficient rises while KL is above target and falls while below."""
+    K = n_steps / horizon: the coefficient rises while KL is above target and falls while below, never below
+    `min_value` (0: as published; a floor keeps an early low-KL phase from switching the penalty off)."""
 
-    def __init__(self, value: float, target: float, horizon: int):
+    def __init__(self, value: float, target: float, horizon: int, min_value: float = 0.0):
         super().__init__(value)
-        if target <= 0 or horizon <= 0:
-            raise ValueError(f"adaptive KL needs target > 0 and horizon > 0, got {target}, {horizon}")
-        self.target, self.horizon = float(target), int(horizon)
+        if target <= 0 or horizon <= 0 or min_value < 0:
+            raise ValueError(f"adaptive KL needs target > 0, horizon > 0, min_value >= 0, got {target}, {horizon}, "
+                             f"{min_value}")
+        self.target, self.horizon, self.min_value = float(target), int(horizon), float(min_value)
 
     def update(self, current_kl: float, n_steps: int) -> None:
         error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
-        self.value *= 1.0 + error * n_steps / self.horizon
+        self.value = max(self.value * (1.0 + error * n_steps / self.horizon), self.min_value)
 
 
 # ---------------------------------------------------------------------------------------------------- normalisation

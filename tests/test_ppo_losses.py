@@ -128,6 +128,11 @@ def test_kl_controllers_by_hand():
     assert d.value == pytest.approx(0.099488)
     d.load_state_dict(c.state_dict())
     assert d.value == c.value
+    e = AdaptiveKLController(0.1, target=6.0, horizon=10, min_value=0.09)  # 0.1 x (1 - 0.2 x 32/10) = 0.036 < 0.09
+    e.update(0.0, 32)
+    assert e.value == 0.09
+    e.update(12.0, 32)  # 0.09 x (1 + 0.2 x 3.2) = 0.1476
+    assert e.value == pytest.approx(0.1476)
     f = FixedKLController(0.04)
     f.update(100.0, 256)
     assert f.value == 0.04
