@@ -215,10 +215,11 @@ def gather_rows(acc, local: dict) -> dict:
     parts = gather_lists(acc, [local])
     out = {}
     for k, v in local.items():
-        if isinstance(v, torch.Tensor):
-            width = max(p[k].shape[-1] for p in parts) if v.dim() == 2 else 0
-            out[k] = torch.cat([torch.nn.functional.pad(p[k], (0, width - p[k].shape[-1])) if v.dim() == 2 else p[k]
-                                for p in parts])
+        if isinstance(v, torch.Tensor) and v.dim() == 2:
+            width = max(p[k].shape[1] for p in parts)
+            out[k] = torch.cat([torch.nn.functional.pad(p[k], (0, width - p[k].shape[1])) for p in parts])
+        elif isinstance(v, torch.Tensor):
+            out[k] = torch.cat([p[k] for p in parts])
         else:
             out[k] = [x for p in parts for x in p[k]]
     return out
