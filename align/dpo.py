@@ -276,12 +276,14 @@ def train(c: DPOConfig) -> list[float]:
 
     from common.guard import check_finite
     from common.loop import (begin_run, mini_batch_rows, rank_micro_batches, restore_run_state,
-                             save_run_checkpoint, steps_per_epoch)
+                             save_run_checkpoint, steps_per_epoch, zero_stage)
     from common.metrics import MetricsLogger, plot_metrics
     from common.optim import build_adamw, warmup_cosine
 
     # 1. accelerator, seed, resume point
     acc, out, W, rank, ckpt_root, resume_dir = begin_run(c)
+    if zero_stage(acc) == 3:  # the reference table is scored in per-rank shares of unequal length: ZeRO-3 would hang
+        raise ConfigError("align/dpo.py does not run under ZeRO-3; use configs/accelerate/zero2.yaml (or LoRA)")
 
     # 2. tokenizer and pairs (every rank builds the same list; the batch plan picks each rank's share)
     tokenizer = load_tokenizer(c.tokenizer)

@@ -233,7 +233,7 @@ def train(c: SFTConfig) -> list[float]:
     from tqdm.auto import tqdm
 
     from common.guard import check_finite
-    from common.loop import (begin_run, mini_batch_rows, rank_micro_batches, restore_run_state,
+    from common.loop import (begin_run, full_weights, mini_batch_rows, rank_micro_batches, restore_run_state,
                              save_run_checkpoint, steps_per_epoch)
     from common.metrics import MetricsLogger, plot_metrics
     from common.optim import build_adamw, warmup_cosine
@@ -323,8 +323,11 @@ def train(c: SFTConfig) -> list[float]:
     bar.close()
 
     # 7. final HF model (LoRA merged) and the loss curve
+    if stop == total:
+        with full_weights(acc):  # ZeRO-3: every rank gathers the weights, the main process writes them
+            if acc.is_main_process:
+                save_model(acc.unwrap_model(model).lm, out / "final", tokenizer, merge=True)
     if stop == total and acc.is_main_process:
-        save_model(acc.unwrap_model(model).lm, out / "final", tokenizer, merge=True)
         plot_metrics(out / "metrics.jsonl", out / "loss.png", ["loss", "lr"], title="SFT")
         print(f"[sft] done: final model in {out / 'final'}, loss curve in {out / 'loss.png'}", flush=True)
     log.close()

@@ -4,6 +4,8 @@ Layout under `root` (e.g. `<output_dir>/checkpoints`):
     step-00000010/model/        HF folder (config.json + *.safetensors) that transformers and vLLM load
     step-00000010/state.pt      optimizer, scheduler, train_state (step, data position, ...), RNG state per rank
     step-00000010/meta.json     {"step": 10, "complete": true}
+    step-00000010/deepspeed/    under DeepSpeed only: each rank's optimizer (ZeRO-3: and weight) shard; state.pt
+                                then holds no optimizer state
     latest                      text file naming the newest complete checkpoint
 
 A checkpoint is written into a temporary directory, fsynced and renamed into place; `latest` is updated atomically
@@ -14,6 +16,7 @@ good one.
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 from pathlib import Path
@@ -56,11 +59,13 @@ def save_checkpoint(
     train_state: dict[str, Any],
     rng_states: list[dict[str, Any]],
     keep_last: int = 1,
+    extra_dirs: dict[str, Path] | None = None,
 ) -> Path:
     """Write checkpoint `step` atomically; call on the main process only. Returns its directory.
 
     save_model(dir) writes the HF model folder; rng_states has one entry per rank (index = rank).
     keep_last: complete checkpoints kept (>= 1); older ones are deleted after the new one is in place.
+    extra_dirs: {name: folder} moved into the checkpoint before it is renamed into place (DeepSpeed's shards).
     """
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
@@ -74,6 +79,8 @@ def save_checkpoint(
             "train_state": train_state,
             "rng_states": rng_states,
         }, tmp / STATE_FILE)
+        for name, folder in (extra_dirs or {}).items():
+            os.rename(folder, tmp / name)
         atomic_write_json(tmp / META_FILE, {"step": step, "complete": True})
     atomic_write_text(root / LATEST, final.name + "\n")
     for old in list_checkpoints(root)[:-keep_last]:

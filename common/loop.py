@@ -7,13 +7,19 @@ the whole mini batch (used for the global token count) and a resumed run reads e
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
-from common.checkpoint import load_checkpoint_state, rng_state, save_checkpoint, set_rng_state
+from common.checkpoint import (STATE_FILE, checkpoint_name, load_checkpoint_state, rng_state, save_checkpoint,
+                               set_rng_state)
+
+DEEPSPEED_DIR, DEEPSPEED_TAG, ZERO_FILE = "deepspeed", "zero", "zero.json"  # <checkpoint>/deepspeed/zero/...
 
 
 def steps_per_epoch(n_rows: int, mini_batch: int, source: str = "data") -> int:
@@ -52,23 +58,26 @@ def resolve_precision(precision: str) -> str:
 def make_accelerator(precision: str, grad_accum: int, micro_batch: int):
     """An Accelerator; without CUDA it is told cpu=True, which is what makes accelerate treat a
     `accelerate launch --multi_gpu --num_processes 2` start as two gloo ranks (MULTI_CPU) instead of two
-    independent single-process runs."""
+    independent single-process runs. A DeepSpeed launch without CUDA gets the gloo backend named explicitly:
+    left to itself accelerate finds no backend and makes every rank "process 0 of 1"."""
     from accelerate import Accelerator  # lazy: importing accelerate is slow
+    from accelerate.utils import InitProcessGroupKwargs
 
     from common.config import ConfigError
 
     wants_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    cpu = not torch.cuda.is_available()
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if wants_deepspeed and cpu else []
     acc = Accelerator(mixed_precision=resolve_precision(precision), gradient_accumulation_steps=grad_accum,
-                      cpu=not torch.cuda.is_available() and not wants_deepspeed)
+                      cpu=cpu and not wants_deepspeed, kwargs_handlers=handlers)
     if wants_deepspeed and acc.distributed_type.value != "DEEPSPEED":  # accelerate would silently run without it
         raise ConfigError(f"a DeepSpeed accelerate config was given but accelerate set up {acc.distributed_type.value}"
-                          f" (DeepSpeed needs GPUs and a multi-process launch); on CPU use "
-                          f"configs/accelerate/multi_cpu.yaml")
+                          f"; launch with `accelerate launch --config_file configs/accelerate/zero2.yaml ...`")
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    if world != acc.num_processes:  # seen with DeepSpeed on CPU: every rank says it is process 0 of 1
+    if world != acc.num_processes:  # every rank would think it is rank 0 (and write the same checkpoint)
         raise ConfigError(f"accelerate reports {acc.num_processes} process(es) ({acc.distributed_type.value}) but "
-                          f"torch.distributed has {world} ranks, so every rank would think it is rank 0 (and write "
-                          f"the same checkpoint); on CPU use configs/accelerate/multi_cpu.yaml, DeepSpeed needs GPUs")
+                          f"torch.distributed has {world} ranks, so every rank would think it is rank 0; on CPU use "
+                          f"configs/accelerate/multi_cpu.yaml")
     if acc.gradient_accumulation_steps != grad_accum:  # accelerate lets its env / DeepSpeed config win silently
         raise ConfigError(f"the accelerate config sets gradient_accumulation_steps={acc.gradient_accumulation_steps}"
                           f" but the run config says grad_accum_steps={grad_accum}; remove it from the accelerate "
@@ -76,48 +85,104 @@ def make_accelerator(precision: str, grad_accum: int, micro_batch: int):
     ds = getattr(acc.state, "deepspeed_plugin", None)
     if ds is not None:  # we feed batches ourselves (no prepared dataloader), so DeepSpeed learns the size here
         ds.deepspeed_config["train_micro_batch_size_per_gpu"] = micro_batch
-    if ds is not None and ds.zero_stage == 3:
-        raise ConfigError("ZeRO-3 shards the parameters and these trainers do not gather them for the HF checkpoint "
-                          "yet; use configs/accelerate/zero2.yaml (or multi_gpu.yaml)")
     return acc
+
+
+def zero_stage(accelerator) -> int:
+    """The DeepSpeed ZeRO stage of this run; 0 when DeepSpeed is not in use."""
+    ds = getattr(accelerator.state, "deepspeed_plugin", None)
+    return 0 if ds is None else int(ds.zero_stage)
+
+
+def deepspeed_engine(accelerator):
+    """The DeepSpeedEngine made by `accelerator.prepare` (None without DeepSpeed)."""
+    wrapped = getattr(accelerator, "deepspeed_engine_wrapped", None)
+    return None if wrapped is None else wrapped.engine
+
+
+@contextlib.contextmanager
+def full_weights(accelerator) -> Iterator[None]:
+    """Under ZeRO-3 each rank holds a shard of every parameter: inside this block every rank holds them all, so the
+    main process can write the Hugging Face folder. A collective: enter it on every rank. Otherwise a no-op.
+    Memory: the whole model (in its training dtype) is gathered on every rank for the duration of the save."""
+    engine = deepspeed_engine(accelerator)
+    if engine is None or engine.zero_optimization_stage() != 3:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
+        yield
 
 
 def save_run_checkpoint(accelerator, root: str | Path, step: int, save_model: Callable[[Path], None], optimizer,
                         scheduler, train_state: dict[str, Any], keep_last: int) -> Path | None:
-    """Gather every rank's RNG state, then the main process writes the checkpoint atomically; all ranks wait."""
-    from accelerate.utils import DistributedType, gather_object
+    """Gather every rank's RNG state, then the main process writes the checkpoint atomically; all ranks wait.
+    Under DeepSpeed the optimizer state is sharded: every rank first writes its shard with the engine's own
+    `save_checkpoint` into a temporary folder, which the main process moves into the checkpoint before the rename
+    (so a crash leaves the previous checkpoint as the latest). Under ZeRO-3 the weights are gathered for the save."""
+    from accelerate.utils import gather_object
 
     rngs = gather_object([rng_state()]) if accelerator.num_processes > 1 else [rng_state()]
-    opt = optimizer
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        opt = None  # ZeRO shards the optimizer state; resuming a DeepSpeed run restarts the optimizer state
+    root = Path(root)
+    engine, shards = deepspeed_engine(accelerator), None
+    if engine is not None:
+        shards = root / f".{checkpoint_name(step)}.{DEEPSPEED_DIR}.tmp"
+        if accelerator.is_main_process:
+            for old in root.glob(f".step-*.{DEEPSPEED_DIR}.tmp"):  # left by a crash mid-save
+                shutil.rmtree(old, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        engine.save_checkpoint(str(shards), tag=DEEPSPEED_TAG, save_latest=False)  # every rank: its shard
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            (shards / ZERO_FILE).write_text(json.dumps({"zero_stage": engine.zero_optimization_stage(),
+                                                        "ranks": accelerator.num_processes}) + "\n")
     path = None
-    if accelerator.is_main_process:
-        path = save_checkpoint(root, step, save_model, opt, scheduler, train_state, rngs, keep_last)
+    with full_weights(accelerator):
+        if accelerator.is_main_process:
+            path = save_checkpoint(root, step, save_model, None if engine else optimizer, scheduler, train_state,
+                                   rngs, keep_last, extra_dirs={DEEPSPEED_DIR: shards} if shards else None)
     accelerator.wait_for_everyone()
     return path
 
 
 def restore_run_state(accelerator, ckpt_dir: str | Path, optimizer, scheduler, count_key: str | None = None,
                       count: int | None = None) -> dict[str, Any]:
-    """Load optimizer, scheduler and this rank's RNG state from a checkpoint; return its train_state. With
-    `count_key`, the saved train_state[count_key] must equal `count` (the batch plan depends on the data size)."""
+    """Load optimizer (under DeepSpeed: this rank's shard, with the engine), scheduler and this rank's RNG state
+    from a checkpoint; return its train_state. With `count_key`, the saved train_state[count_key] must equal
+    `count` (the batch plan depends on the data size)."""
+    ckpt_dir = Path(ckpt_dir)
     state = load_checkpoint_state(ckpt_dir)
-    if state["optimizer"] is None:
-        raise ValueError(f"{ckpt_dir}: checkpoint has no optimizer state (written under DeepSpeed ZeRO); "
-                         f"exact resume is not possible, start a new run from {Path(ckpt_dir) / 'model'}")
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
+    engine, shards = deepspeed_engine(accelerator), ckpt_dir / DEEPSPEED_DIR
+    if engine is not None and not shards.is_dir():
+        raise ValueError(f"{ckpt_dir}: written without DeepSpeed (its optimizer state is in {STATE_FILE}); resume "
+                         f"with the accelerate config it was written with, or start a new run from "
+                         f"{ckpt_dir / 'model'}")
+    if engine is None and state["optimizer"] is None:
+        raise ValueError(f"{ckpt_dir}: written under DeepSpeed ZeRO (sharded optimizer state in {DEEPSPEED_DIR}/); "
+                         f"resume with the same DeepSpeed accelerate config and number of processes")
     rngs = state["rng_states"]
     if len(rngs) != accelerator.num_processes:
         raise ValueError(f"{ckpt_dir}: saved by {len(rngs)} ranks, resuming with {accelerator.num_processes}; "
                          f"resume with the same number of processes")
-    set_rng_state(rngs[accelerator.process_index])
     ts = state["train_state"]
     if count_key is not None and ts[count_key] != count:
         what = count_key.removeprefix("n_")
         raise ValueError(f"{ckpt_dir}: saved with {ts[count_key]} {what}, the data now gives {count}; "
                          f"resume with the same data and seq_len or use a new output_dir")
+    if engine is not None:
+        saved = json.loads((shards / ZERO_FILE).read_text())["zero_stage"]
+        if saved != engine.zero_optimization_stage():
+            raise ValueError(f"{ckpt_dir}: written under ZeRO-{saved}, resuming under "
+                             f"ZeRO-{engine.zero_optimization_stage()}; resume with the same DeepSpeed config")
+        loaded, _ = engine.load_checkpoint(str(shards), tag=DEEPSPEED_TAG, load_optimizer_states=True,
+                                           load_lr_scheduler_states=False)
+        if loaded is None:
+            raise ValueError(f"{shards}: DeepSpeed could not load this checkpoint (see its log above)")
+    else:
+        optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(rngs[accelerator.process_index])
     return ts
 
 

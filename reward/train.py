@@ -239,6 +239,7 @@ def train(c: RewardConfig) -> list[float]:
 
 def finish(c, acc, model, tokenizer, eval_pairs, pad_id, reward_id, log, total, out, run_eval) -> None:
     """7. final eval, normalisation stats on the reference set, final model folder with reward_stats.json, curves."""
+    from common.loop import full_weights
     from common.metrics import plot_metrics
 
     run_eval(total)
@@ -247,8 +248,10 @@ def finish(c, acc, model, tokenizer, eval_pairs, pad_id, reward_id, log, total, 
     norm_pairs = norm_pairs[:c.norm_max_pairs]
     rc, rr = score_pairs(net, norm_pairs, pad_id, reward_id, c.eval_batch_size, acc.device)
     stats = normalisation_stats(torch.cat([rc, rr])) | {"source": c.norm_files or c.eval_files}
+    with full_weights(acc):  # ZeRO-3: every rank gathers the weights, the main process writes them
+        if acc.is_main_process:
+            save_reward_model(net, out / "final", tokenizer, stats)
     if acc.is_main_process:
-        save_reward_model(net, out / "final", tokenizer, stats)
         keys = ["loss", "accuracy"] + (["eval_accuracy"] if eval_pairs else [])
         plot_metrics(out / "metrics.jsonl", out / "curves.png", keys, title=f"reward model: {out.name}")
         print(f"[reward] done: model in {out / 'final'} (score mean {stats['mean']:.4f}, std {stats['std']:.4f}), "
