@@ -102,17 +102,27 @@ def deepspeed_engine(accelerator):
 
 @contextlib.contextmanager
 def full_weights(accelerator) -> Iterator[None]:
-    """Under ZeRO-3 each rank holds a shard of every parameter: inside this block every rank holds them all, so the
-    main process can write the Hugging Face folder. A collective: enter it on every rank. Otherwise a no-op.
-    Memory: the whole model (in its training dtype) is gathered on every rank for the duration of the save."""
+    """Under ZeRO-3 each rank holds a shard of every parameter: inside this block the main process's parameters are
+    the full weights (on CPU), so it can write the Hugging Face folder with the usual code. DeepSpeed gathers them
+    one module at a time (GPU memory: one layer), copying each to the main process's CPU memory (the whole model in
+    its training dtype). A collective: enter it on every rank. Otherwise a no-op."""
     engine = deepspeed_engine(accelerator)
     if engine is None or engine.zero_optimization_stage() != 3:
         yield
         return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
+    full = engine._zero3_consolidated_16bit_state_dict()  # every rank; the tensors land on the main process only
+    if not accelerator.is_main_process:
         yield
+        return
+    params = dict(engine.module.named_parameters())  # tied weights once
+    shards = {name: p.data for name, p in params.items()}
+    try:
+        for name, p in params.items():
+            p.data = full[name]
+        yield
+    finally:
+        for name, p in params.items():
+            p.data = shards[name]
 
 
 def save_run_checkpoint(accelerator, root: str | Path, step: int, save_model: Callable[[Path], None], optimizer,
