@@ -3,7 +3,7 @@
     base model (pretraining from random init) -> SFT -> reward PMP -> reward finetune -> reward benchmark
     -> PPO with vLLM rollouts (with and without PPO-ptx) -> DPO -> evaluation on held-out prompts
 
-    python -m align.pipeline [--out runs/demo] [--fresh] [--only STAGE ...]   (make demo runs this)
+    python -m align.pipeline [--out runs/demo] [--fresh] [--engine vllm|builtin]   (make demo runs this)
 
 A stage whose final checkpoint exists is skipped, so an interrupted pipeline continues where it stopped; --fresh
 starts over. Prints the commands it runs (copy one to rerun a stage alone) and ends with one table, saved beside
