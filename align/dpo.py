@@ -186,14 +186,17 @@ def cache_reference(acc, seqlogp, ref, pairs: list[dict], pad_id: int, batch_siz
 
     W, rank = acc.num_processes, acc.process_index
     mine = list(range(rank, len(pairs), W))
+    largest = -(-len(pairs) // W)  # every rank runs as many forwards: under ZeRO-3 each one gathers the weights
     out = torch.zeros(len(pairs), 2, dtype=torch.float32)
     with reference_mode(seqlogp, ref) as net:
-        for s in tqdm(range(0, len(mine), batch_size), desc="reference log-probs", disable=not acc.is_main_process):
+        for s in tqdm(range(0, largest, batch_size), desc="reference log-probs", disable=not acc.is_main_process):
             idx = mine[s:s + batch_size]
-            batch = {k: v.to(acc.device) for k, v in pair_batch([pairs[i] for i in idx], pad_id).items()}
+            rows = idx or mine[:1] or [0]  # a rank with a shorter share scores a pair again and drops the result
+            batch = {k: v.to(acc.device) for k, v in pair_batch([pairs[i] for i in rows], pad_id).items()}
             with acc.autocast():
                 logps = net(**batch).float().cpu()  # (2b,)
-            out[idx] = torch.stack(logps.chunk(2), dim=1)
+            if idx:
+                out[idx] = torch.stack(logps.chunk(2), dim=1)
     if W > 1:
         for idx, row in gather_object([(i, out[i]) for i in mine]):
             out[idx] = row
@@ -275,15 +278,13 @@ def train(c: DPOConfig) -> list[float]:
     from tqdm.auto import tqdm
 
     from common.guard import check_finite
-    from common.loop import (begin_run, mini_batch_rows, rank_micro_batches, restore_run_state,
-                             save_run_checkpoint, steps_per_epoch, zero_stage)
+    from common.loop import (begin_run, full_weights, mini_batch_rows, rank_micro_batches, restore_run_state,
+                             save_run_checkpoint, steps_per_epoch)
     from common.metrics import MetricsLogger, plot_metrics
     from common.optim import build_adamw, warmup_cosine
 
     # 1. accelerator, seed, resume point
     acc, out, W, rank, ckpt_root, resume_dir = begin_run(c)
-    if zero_stage(acc) == 3:  # the reference table is scored in per-rank shares of unequal length: ZeRO-3 would hang
-        raise ConfigError("align/dpo.py does not run under ZeRO-3; use configs/accelerate/zero2.yaml (or LoRA)")
 
     # 2. tokenizer and pairs (every rank builds the same list; the batch plan picks each rank's share)
     tokenizer = load_tokenizer(c.tokenizer)
@@ -363,8 +364,11 @@ def train(c: DPOConfig) -> list[float]:
     bar.close()
 
     # 8. final HF model (LoRA merged) and the curves
+    if stop == total:
+        with full_weights(acc):  # ZeRO-3: every rank gathers the weights, the main process writes them
+            if acc.is_main_process:
+                save_model(policy.lm, out / "final", tokenizer, merge=True)
     if stop == total and acc.is_main_process:
-        save_model(policy.lm, out / "final", tokenizer, merge=True)
         plot_metrics(out / "metrics.jsonl", out / "curves.png", ["loss", "accuracy", "margin"], title="DPO")
         print(f"[dpo] done: final model in {out / 'final'}, curves in {out / 'curves.png'}", flush=True)
     log.close()
