@@ -130,7 +130,8 @@ def save_run_checkpoint(accelerator, root: str | Path, step: int, save_model: Ca
     """Gather every rank's RNG state, then the main process writes the checkpoint atomically; all ranks wait.
     Under DeepSpeed the optimizer state is sharded: every rank first writes its shard with the engine's own
     `save_checkpoint` into a temporary folder, which the main process moves into the checkpoint before the rename
-    (so a crash leaves the previous checkpoint as the latest). Under ZeRO-3 the weights are gathered for the save."""
+    (so a crash leaves the previous checkpoint as the latest; every rank must see `root`: one machine or a shared
+    filesystem). Under ZeRO-3 the weights are gathered for the save."""
     from accelerate.utils import gather_object
 
     rngs = gather_object([rng_state()]) if accelerator.num_processes > 1 else [rng_state()]
