@@ -1,5 +1,6 @@
 """PPO (Qwen report sec. 3.2.2): policy from SFT, frozen reference, frozen reward model, value model initialised
-from the reward model; per-token KL penalty, clipped policy and value losses, GAE, PPO-ptx.
+from the reward model; per-token KL penalty, clipped policy and value losses, GAE, PPO-ptx. With --lora_r the policy
+trains a LoRA adapter and the reference is the same model with the adapter disabled (one copy of the weights).
 
     accelerate launch align/ppo.py                     # embedded demo: runs/demo/sft/final + runs/demo/rm/final
     accelerate launch align/ppo.py --config configs/ppo.yaml [--field value ...]
@@ -29,6 +30,7 @@ import torch
 
 from align.ppo_losses import (AdaptiveKLController, FixedKLController, RunningMeanStd, gae, kl_penalty,
                               ppo_policy_loss, shape_rewards, token_mean, value_loss, whiten)
+from align.sft import LORA_TARGETS, save_model
 from common.config import ConfigError, cfg, parse_config, save_config
 
 DEMO_DIR = Path(__file__).resolve().parents[1] / "data" / "demo"
@@ -40,6 +42,11 @@ class PPOConfig:
     policy_path: str = cfg("runs/demo/sft/final", "SFT model folder (Qwen2ForCausalLM): the policy and the frozen reference")
     reward_path: str = cfg("runs/demo/rm/final", "reward-model folder (reward/train.py), read at <|reward|>")
     value_path: Optional[str] = cfg(None, "value-model init; None = the reward model (sec. 3.2.2)")
+    lora_r: int = cfg(0, "LoRA rank of the policy; 0 = full finetuning. With LoRA the reference is the policy with its "
+                         "adapter disabled (no second copy of the weights); no LoRA dropout, so the sampled and the "
+                         "trained log-probs come from the same function")
+    lora_alpha: float = cfg(16.0, "LoRA scaling alpha")
+    lora_target_modules: list[str] = cfg(LORA_TARGETS, "module names that get LoRA adapters")
     tokenizer: Optional[str] = cfg(None, "policy tokenizer: None = the one saved in policy_path, else 'qwen2'/'small'/folder")
     reward_tokenizer: Optional[str] = cfg(None, "reward tokenizer: None = the one saved in reward_path, else as above")
     tokenizer_mismatch: str = cfg("refuse", "policy and reward tokenizers differ: 'refuse' or 'retokenize' the decoded text (PITFALLS 6)")
@@ -121,6 +128,8 @@ class PPOConfig:
                self.grad_clip) < 0:
             raise ConfigError("kl_coef, kl_min_coef, eos_missing_penalty, ptx_coef, value_warmup_steps, grad_clip must "
                               "be >= 0")
+        if self.lora_r < 0:
+            raise ConfigError(f"lora_r must be >= 0 (0 = full finetuning), got {self.lora_r}")
         if self.policy_lr <= 0 or self.value_lr <= 0 or self.clip <= 0 or self.value_clip <= 0:
             raise ConfigError("policy_lr, value_lr, clip and value_clip must be > 0")
         if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
@@ -236,6 +245,14 @@ def response_logprobs(model, batch: dict, temperature: float, chunk_size: int, e
     return (take(logp), take(ent)) if entropy else take(logp)
 
 
+def reference_logprobs(run, batch: dict) -> torch.Tensor:
+    """log pi_ref(response tokens) (N, R): the frozen SFT copy, or with LoRA the policy with its adapter disabled."""
+    if run.ref is not None:
+        return response_logprobs(run.ref, batch, run.c.temperature, run.c.chunk_size)
+    with run.policy.disable_adapter():
+        return response_logprobs(run.policy, batch, run.c.temperature, run.c.chunk_size)
+
+
 def response_values(value_model, batch: dict) -> torch.Tensor:
     """V(state before response token r) (N, R) from the value model's per-position head."""
     return value_model(batch["input_ids"], attention_mask=batch["attention_mask"]).gather(1, batch["pos"]) \
@@ -314,12 +331,22 @@ def load_data(c: PPOConfig, tok):
 
 
 def load_models(c: PPOConfig, resume_dir: Path | None, device):
-    """policy (trainable), reference (frozen copy of SFT), reward (frozen), value (trainable, from the RM)."""
+    """policy (trainable), reference (frozen copy of SFT; None with LoRA: the policy with its adapter disabled),
+    reward (frozen), value (trainable, from the RM)."""
     from model.checkpoint import load_causal_lm
     from model.heads import ScalarHeadModel
 
-    policy = load_causal_lm(str(resume_dir / "model") if resume_dir else c.policy_path).to(device).train()
-    ref = load_causal_lm(c.policy_path).to(device).eval().requires_grad_(False)
+    if c.lora_r:
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        base = load_causal_lm(c.policy_path)
+        policy = PeftModel.from_pretrained(base, str(resume_dir / "model"), is_trainable=True) if resume_dir else \
+            get_peft_model(base, LoraConfig(r=c.lora_r, lora_alpha=c.lora_alpha, lora_dropout=0.0, bias="none",
+                                            target_modules=list(c.lora_target_modules)))
+        policy, ref = policy.to(device).train(), None
+    else:
+        policy = load_causal_lm(str(resume_dir / "model") if resume_dir else c.policy_path).to(device).train()
+        ref = load_causal_lm(c.policy_path).to(device).eval().requires_grad_(False)
     reward = ScalarHeadModel.from_pretrained(c.reward_path).to(device).eval().requires_grad_(False)
     value_dir = resume_dir / "value" if resume_dir else (c.value_path or c.reward_path)
     value = ScalarHeadModel.from_pretrained(str(value_dir)).to(device).train()
@@ -360,7 +387,7 @@ class Run:
     c: PPOConfig
     acc: object
     policy: torch.nn.Module
-    ref: torch.nn.Module
+    ref: torch.nn.Module | None  # None with LoRA: the policy with its adapter disabled
     reward: torch.nn.Module
     value: torch.nn.Module
     opt: OptimizerPair
@@ -426,8 +453,7 @@ def make_experience(run: Run, step: int) -> tuple[dict, dict]:
         for s in range(0, n, c.micro_batch_size):
             mb = {k: v[s:s + c.micro_batch_size] for k, v in b.items()}
             old, ent = response_logprobs(run.policy, mb, c.temperature, c.chunk_size, entropy=True)
-            parts.append((old, ent, response_logprobs(run.ref, mb, c.temperature, c.chunk_size),
-                          response_values(run.value, mb)))
+            parts.append((old, ent, reference_logprobs(run, mb), response_values(run.value, mb)))
         old_logp, entropy, ref_logp, values = (torch.cat(x).float().cpu() for x in zip(*parts))  # (n, R_rank)
     true = []
     if run.true_reward:
@@ -613,10 +639,9 @@ def setup(c: PPOConfig) -> tuple[Run, int, Path | None]:
 
 def checkpoint(run: Run, step: int):
     from common.loop import save_run_checkpoint
-    from model.checkpoint import save_causal_lm
 
     def write_models(d: Path):
-        save_causal_lm(run.policy, d, run.tok)
+        save_model(run.policy, d, run.tok)  # LoRA: the adapter
         run.value.save_pretrained(d.parent / "value")  # inside the same atomic checkpoint folder
     state = {"step": step, "n_prompts": len(run.prompts), "tax_start": run.tax_start,
              "kl_ctl": run.kl_ctl.state_dict(), "reward_stats": run.reward_stats.state_dict()}
@@ -668,9 +693,7 @@ def train(c: PPOConfig) -> list[dict]:
             checkpoint(run, step + 1)
     bar.close()
     if stop == c.max_steps and run.acc.is_main_process:
-        from model.checkpoint import save_causal_lm
-
-        save_causal_lm(run.policy, out / "final", run.tok)
+        save_model(run.policy, out / "final", run.tok, merge=True)  # LoRA: merged into the SFT weights
         keys = [k for k in ("true_reward", "rm_score", "kl_k1", "kl_coef", "value_loss", "policy_loss", "entropy",
                             "response_length", "alignment_tax") if any(k in r for r in history)]
         plot_metrics(out / "metrics.jsonl", out / "ppo.png", keys, title="PPO")

@@ -145,6 +145,27 @@ def test_resume_gives_the_same_next_step(world, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_lora_policy_reference_is_the_disabled_adapter_and_resumes_exactly(world, tmp_path):
+    """LoRA policy: no reference copy is loaded (the reference is the policy with its adapter disabled). At the start
+    the adapter adds exactly 0, so the KL is exactly 0 until the first policy step; after it the KL is not 0. Only
+    the adapted layers change in the merged final model. Stopping after step 2 and resuming from the adapter
+    checkpoint gives the uninterrupted run's step 3 and the same merged weights."""
+    kw = dict(lora_r=4, lora_alpha=8.0, max_steps=3, value_warmup_steps=1, ptx_coef=0.5, kl_adaptive=True)
+    full = ppo.train(make_config(world, tmp_path / "a", **kw))
+    assert full[0]["kl_k1"] == 0.0 and full[1]["kl_k1"] == 0.0  # warmup, then the first policy step's rollout
+    assert full[2]["kl_k1"] != 0.0 and full[2]["kl_k3"] > 0.0
+    ppo.train(make_config(world, tmp_path / "b", stop_at_step=2, **kw))
+    assert (tmp_path / "b" / "checkpoints" / "step-00000002" / "model" / "adapter_config.json").is_file()
+    resumed = ppo.train(make_config(world, tmp_path / "b", **kw))
+    assert len(resumed) == 1
+    for k in ("rm_score", "kl_k1", "policy_loss", "value_loss", "ptx_loss", "kl_coef"):
+        assert resumed[0][k] == full[-1][k], k
+    sft, a, b = _weights(world / "policy"), _weights(tmp_path / "a" / "final"), _weights(tmp_path / "b" / "final")
+    assert sorted(a) == sorted(sft) and all(torch.equal(a[k], b[k]) for k in a)
+    changed = {k for k in a if not torch.equal(a[k], sft[k])}
+    assert changed and all(k.endswith("proj.weight") for k in changed)  # LoRA targets only; embeddings, norms same
+
+
 def test_ptx_adds_the_lm_loss(world, tmp_path):
     """One policy step with and without PPO-ptx from the same seed: identical rollouts, a logged ptx loss, and
     different updated weights; the held-out LM loss is measured before and after."""
