@@ -88,12 +88,6 @@ def make_accelerator(precision: str, grad_accum: int, micro_batch: int):
     return acc
 
 
-def zero_stage(accelerator) -> int:
-    """The DeepSpeed ZeRO stage of this run; 0 when DeepSpeed is not in use."""
-    ds = getattr(accelerator.state, "deepspeed_plugin", None)
-    return 0 if ds is None else int(ds.zero_stage)
-
-
 def deepspeed_engine(accelerator):
     """The DeepSpeedEngine made by `accelerator.prepare` (None without DeepSpeed)."""
     wrapped = getattr(accelerator, "deepspeed_engine_wrapped", None)
