@@ -368,9 +368,8 @@ def train(c: DPOConfig) -> list[float]:
         with full_weights(acc):  # ZeRO-3: every rank gathers the weights, the main process writes them
             if acc.is_main_process:
                 save_model(policy.lm, out / "final", tokenizer, merge=True)
-    if stop == total and acc.is_main_process:
-        plot_metrics(out / "metrics.jsonl", out / "curves.png", ["loss", "accuracy", "margin"], title="DPO")
-        print(f"[dpo] done: final model in {out / 'final'}, curves in {out / 'curves.png'}", flush=True)
+                plot_metrics(out / "metrics.jsonl", out / "curves.png", ["loss", "accuracy", "margin"], title="DPO")
+                print(f"[dpo] done: final model in {out / 'final'}, curves in {out / 'curves.png'}", flush=True)
     log.close()
     acc.wait_for_everyone()
     return losses

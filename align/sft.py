@@ -327,9 +327,8 @@ def train(c: SFTConfig) -> list[float]:
         with full_weights(acc):  # ZeRO-3: every rank gathers the weights, the main process writes them
             if acc.is_main_process:
                 save_model(acc.unwrap_model(model).lm, out / "final", tokenizer, merge=True)
-    if stop == total and acc.is_main_process:
-        plot_metrics(out / "metrics.jsonl", out / "loss.png", ["loss", "lr"], title="SFT")
-        print(f"[sft] done: final model in {out / 'final'}, loss curve in {out / 'loss.png'}", flush=True)
+                plot_metrics(out / "metrics.jsonl", out / "loss.png", ["loss", "lr"], title="SFT")
+                print(f"[sft] done: final model in {out / 'final'}, loss curve in {out / 'loss.png'}", flush=True)
     log.close()
     acc.wait_for_everyone()
     return losses
