@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 
 from align.dpo_losses import chosen_nll_loss, conservative_dpo_loss, ipo_loss, sigmoid_dpo_loss
-from align.sft import LORA_TARGETS, build_base_model, build_model, save_model
+from align.models import LORA_TARGETS, build_base_model, build_model, save_model
 from common.config import ConfigError, cfg, parse_config, save_config
 from data.tokenizer import load_tokenizer
 

@@ -58,7 +58,7 @@ def sample(model, prompt_ids, c: EvalConfig, pad_id: int, stop: list[int]):
 
 def sequence_kl(policy, reference, ro, pad_id: int) -> torch.Tensor:
     """(N,) sum over response tokens of log pi - log pi_ref on the sampled tokens."""
-    from align.ppo import response_logprobs, rollout_tensors
+    from align.experience import response_logprobs, rollout_tensors
 
     batch = rollout_tensors(ro.prompt_ids, ro.response_ids, pad_id)
     with torch.no_grad():
@@ -68,7 +68,7 @@ def sequence_kl(policy, reference, ro, pad_id: int) -> torch.Tensor:
 
 
 def rm_scores(rm, stats, tok, ro, messages, pad_id: int) -> torch.Tensor:
-    from align.ppo import reward_sequences
+    from align.experience import reward_sequences
     from reward.model import pad_sequences, reward_token_id, score
 
     seqs = reward_sequences(ro.prompt_ids, ro.response_ids, messages, tok, tok, True)
@@ -82,10 +82,10 @@ def rm_scores(rm, stats, tok, ro, messages, pad_id: int) -> torch.Tensor:
 
 
 def evaluate(c: EvalConfig) -> dict:
-    from align.ppo import heldout_loss, stop_ids
+    from align.experience import heldout_loss, stop_ids
     from data.chatml import IM_END
     from data.datasets import build_prompt_examples, build_text_examples, load_records
-    from data.demo import true_reward
+    from data.demo_reward import true_reward
     from model.checkpoint import load_causal_lm
     from reward.model import load_reward_model, load_tokenizer
 
@@ -134,11 +134,12 @@ def format_table(res: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from common.atomic import atomic_write_json
+    from common.atomic import atomic_write_json, atomic_write_text
 
     c = parse_config(EvalConfig, sys.argv[1:] if argv is None else argv)
     res = evaluate(c)
     atomic_write_json(Path(c.out) / "eval.json", res)
+    atomic_write_text(Path(c.out) / "eval.md", format_table(res) + "\n")
     print(format_table(res))
     print(f"[eval] {res['prompts']} held-out prompts x {res['n']} replies; wrote {Path(c.out) / 'eval.json'}")
     return res

@@ -42,7 +42,7 @@ def stages(out: Path, engine: str) -> list[tuple[str, list[str], Path]]:
         ("reward benchmark", py + ["-m", "reward.bench", "--model", f"PMP={pmp}/final", "--model", f"RM={rm}/final",
                                    "--data", "demo rm_test=data/demo/rm_test.jsonl",
                                    "--data", "demo pmp (noisy)=data/demo/pmp.jsonl", "--max_pairs", "500",
-                                   "--out_dir", str(out / "bench")], out / "bench" / "bench.json"),
+                                   "--out_dir", str(out / "bench")], out / "bench" / "bench.md"),
         ("ppo", py + ppo + ["--output_dir", str(out / "ppo")], out / "ppo" / "final"),
         ("ppo without ptx", py + ppo + ["--ptx_coef", "0", "--output_dir", str(out / "ppo_noptx")],
          out / "ppo_noptx" / "final"),
@@ -51,7 +51,7 @@ def stages(out: Path, engine: str) -> list[tuple[str, list[str], Path]]:
         ("evaluate", py + ["-m", "align.evaluate", "--reference", f"{sft}/final", "--reward", f"{rm}/final",
                            "--policy", f"SFT={sft}/final", "--policy", f"PPO={out}/ppo/final",
                            "--policy", f"PPO without ptx={out}/ppo_noptx/final", "--policy", f"DPO={out}/dpo/final",
-                           "--tokenizer", "demo", "--out", str(out / "eval")], out / "eval" / "eval.json"),
+                           "--tokenizer", "demo", "--out", str(out / "eval")], out / "eval" / "eval.md"),
     ]
 
 
@@ -78,14 +78,12 @@ def run_stage(name: str, cmd: list[str], done: Path, log_dir: Path) -> float:
 
 
 def summary(out: Path, seconds: dict[str, float]) -> str:
-    bench = json.loads((out / "bench" / "bench.json").read_text())
+    """The stages' own tables (reward/bench.py writes bench.md, align/evaluate.py eval.md) under one heading each."""
     ev = json.loads((out / "eval" / "eval.json").read_text())
-    from align.evaluate import format_table
-    from reward.bench import format_table as bench_table
-
-    lines = ["### Reward models: pairwise accuracy % (Qwen report Table 4 style)", "",
-             bench_table(bench).split("\n\nLength bias")[0], "",
-             f"### Policies on {ev['prompts']} held-out prompts x {ev['n']} sampled replies", "", format_table(ev), "",
+    bench_md = (out / "bench" / "bench.md").read_text().split("\n\nLength bias")[0]
+    lines = ["### Reward models: pairwise accuracy % (Qwen report Table 4 style)", "", bench_md, "",
+             f"### Policies on {ev['prompts']} held-out prompts x {ev['n']} sampled replies", "",
+             (out / "eval" / "eval.md").read_text().rstrip(), "",
              "true reward: the demo's checkable rule (data/demo/README.md); KL: sum over reply tokens of "
              "log pi - log pi_SFT on the policy's own samples; alignment tax: held-out pretraining-text LM loss "
              "minus the SFT model's.", "",

@@ -12,7 +12,6 @@ The loop, in numbered phases:
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import sys
 import time
@@ -22,10 +21,10 @@ from typing import Optional
 
 import torch
 
+from align.models import LORA_TARGETS, build_model, save_model
 from common.config import ConfigError, cfg, parse_config, save_config
 from data.tokenizer import load_tokenizer  # noqa: F401  (also used by tests)
 
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 @dataclass
@@ -111,63 +110,6 @@ class SFTConfig:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Pieces used by the loop (kept small so the loop reads top to bottom).
-
-def build_base_model(c: SFTConfig, path: str | None):
-    """fp32 weights (mixed precision is autocast): the custom model from `path` or init_config, or transformers'."""
-    if c.model_impl == "hf":
-        from transformers import AutoModelForCausalLM
-
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attention_dropout=c.dropout)
-    from model.checkpoint import config_from_hf, load_causal_lm
-    from model.qwen import QwenForCausalLM
-
-    drop = {"attention_dropout": c.dropout, "hidden_dropout": c.dropout}
-    if path is not None:
-        return load_causal_lm(path, **drop)
-    import json
-
-    qcfg = config_from_hf(json.loads(Path(c.init_config).read_text()), source=c.init_config)
-    qcfg = dataclasses.replace(qcfg, **drop)
-    return QwenForCausalLM(qcfg).init_weights(seed=c.seed)
-
-
-def build_model(c: SFTConfig, resume_dir: Path | None):
-    """Full finetuning resumes from the checkpoint's HF folder; LoRA rebuilds the base and loads the adapter."""
-    if c.lora_r == 0:
-        model = build_base_model(c, str(resume_dir / "model") if resume_dir else c.model_path)
-    else:
-        from peft import LoraConfig, PeftModel, get_peft_model
-
-        base = build_base_model(c, c.model_path)
-        if resume_dir:
-            model = PeftModel.from_pretrained(base, str(resume_dir / "model"), is_trainable=True)
-        else:
-            lcfg = LoraConfig(r=c.lora_r, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout,
-                              target_modules=list(c.lora_target_modules), bias="none")
-            model = get_peft_model(base, lcfg)
-    if c.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    return model.train()
-
-
-def save_model(model, path: Path, tokenizer, merge: bool = False) -> None:
-    """HF folder: custom model via model.checkpoint, transformers via save_pretrained, LoRA as an adapter
-    (or merged into the base weights for the final export when merge=True)."""
-    from model.checkpoint import save_causal_lm
-    from model.qwen import QwenForCausalLM
-
-    if hasattr(model, "peft_config"):
-        if not merge:
-            model.save_pretrained(str(path))
-            tokenizer.save_pretrained(str(path))
-            return
-        model = model.merge_and_unload()
-    if isinstance(model, QwenForCausalLM):
-        save_causal_lm(model, path, tokenizer)
-    else:
-        model.save_pretrained(str(path), safe_serialization=True)
-        tokenizer.save_pretrained(str(path))
-
 
 def build_rows(c: SFTConfig, tokenizer) -> tuple[list[dict], str]:
     """Tokenise with loss masks, then pack (shuffled once with the seed so packed rows mix sources)."""

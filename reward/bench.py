@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from common.atomic import atomic_write_bytes, atomic_write_json
+from common.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from common.config import ConfigError, cfg, parse_config
 from reward.model import load_reward_model, load_tokenizer, reward_token_id, score_pairs
 
@@ -195,8 +195,10 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(c.out_dir)
     atomic_write_json(out / "bench.json", results)
     plot(results, out / "bench.png")
-    print(format_table(results))
-    print(f"[bench] wrote {out / 'bench.json'} and {out / 'bench.png'}")
+    table = format_table(results)
+    atomic_write_text(out / "bench.md", table + "\n")
+    print(table)
+    print(f"[bench] wrote {out / 'bench.json'}, {out / 'bench.md'} and {out / 'bench.png'}")
     return results
 
 

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from data import demo
+from data import demo, demo_reward
 from data.demo import CLOSINGS, DEMO_DIR, detect_language, reward_parts, true_reward
 
 ZH_WEATHER = [{"role": "user", "content": "你能聊聊天气吗？"}]
@@ -94,8 +94,8 @@ def test_detect_language():
     assert detect_language(CLOSINGS["zh-Hant"]) == "zh-Hant"
     assert detect_language("睡眠") == "zh"  # same in both scripts
     assert detect_language("123 !") is None
-    assert demo.to_hant(CLOSINGS["zh-Hans"]) == CLOSINGS["zh-Hant"]
-    assert not demo.HANS_ONLY & demo.HANT_ONLY
+    assert demo_reward.to_hant(CLOSINGS["zh-Hans"]) == CLOSINGS["zh-Hant"]
+    assert not demo_reward.HANS_ONLY & demo_reward.HANT_ONLY
 
 
 # ---------------------------------------------------------------------------------------------- shipped data

@@ -88,6 +88,7 @@ from pathlib import Path  # noqa: E402
 
 import align.dpo as dpo  # noqa: E402
 from align.dpo import DPOConfig  # noqa: E402
+from align.models import build_base_model  # noqa: E402
 from common.checkpoint import latest_checkpoint  # noqa: E402
 from common.config import ConfigError, build_config  # noqa: E402
 from common.guard import NonFiniteLossError  # noqa: E402
@@ -147,7 +148,7 @@ def naive_dpo_losses(c: DPOConfig, steps: int) -> list[float]:
     tok = dpo.load_tokenizer("small")
     pairs, _ = dpo.build_pairs(c, tok)
     torch.manual_seed(c.seed)
-    model = dpo.build_base_model(c, None).train()
+    model = build_base_model(c, None).train()
     ref = copy.deepcopy(model).eval()
     opt = build_adamw(model, c.lr, c.betas, c.eps, c.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, c.warmup_steps, c.max_steps,

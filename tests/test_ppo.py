@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import align.experience as experience
 import align.ppo as ppo
 from align.ppo import PPOConfig
 from common.config import ConfigError, build_config
@@ -82,7 +83,7 @@ def test_rollout_tensors_by_hand():
     """prompt [5, 6, 7] + response [8, 9] and prompt [5] + response [4, 3, 2]: T = 4, R = 3.
     Response token r is predicted by the logits at position P - 1 + r: row 0 -> [2, 3, (pad 0)], row 1 -> [0, 1, 2].
     labels hold the next token only where it is a response token."""
-    t = ppo.rollout_tensors([[5, 6, 7], [5]], [[8, 9], [4, 3, 2]], pad_id=0)
+    t = experience.rollout_tensors([[5, 6, 7], [5]], [[8, 9], [4, 3, 2]], pad_id=0)
     I = IGNORE_INDEX
     assert t["input_ids"].tolist() == [[5, 6, 7, 8, 9], [5, 4, 3, 2, 0]]
     assert t["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
@@ -99,7 +100,7 @@ def test_lm_loss_adds_coef_times_the_nll_gradient(world, small_tok):
 
     rows = build_text_examples(load_records(world / "pretrain.jsonl")[0][:6], small_tok, 32)[:3]
     policy = load_causal_lm(world / "policy").train()
-    nll = ppo.lm_loss(policy, rows, 996, chunk_size=16, coef=0.5)
+    nll = experience.lm_loss(policy, rows, 996, chunk_size=16, coef=0.5)
     got = {n: p.grad.clone() for n, p in policy.named_parameters()}
     policy.zero_grad()
     b = collate(rows, 996)

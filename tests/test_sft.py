@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import align.sft as sft
+from align.models import build_base_model
 from align.sft import SFTConfig
 from common.checkpoint import latest_checkpoint
 from common.config import ConfigError, build_config
@@ -81,7 +82,7 @@ def test_first_loss_is_token_mean_cross_entropy(files, tmp_path):
     tok = sft.load_tokenizer("small")
     rows, _ = sft.build_rows(c, tok)
     torch.manual_seed(c.seed)
-    model = sft.build_base_model(c, None).eval()
+    model = build_base_model(c, None).eval()
     from data.datasets import collate
 
     batch = collate([rows[i] for i in mini_batch_rows(0, len(rows), 4, c.seed)], tok.pad_token_id)
@@ -170,7 +171,7 @@ def test_packed_rows_give_the_same_logprobs_as_separate_examples(files, tmp_path
     from data.datasets import collate, pack_examples
 
     c = make_config(files, tmp_path, packing=False)
-    lm = sft.build_base_model(c, None).eval()
+    lm = build_base_model(c, None).eval()
     tok = sft.load_tokenizer("small")
     examples = sft.build_rows(c, tok)[0][:3]
     from model.logprobs import causal_lm_logprobs
