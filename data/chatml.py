@@ -133,7 +133,7 @@ def tools_system(system: str | None, tools: list) -> str:
 
 
 def _check_text(text: str, where: str) -> None:
-    m = SPECIAL_TEXT.search(text)
+    m = SPECIAL_TEXT.search(text) if "<|" in text else None
     if m:
         raise ValueError(f"{where}: contains the special token {m.group()!r} as text (escape it: "
                          f"data.validate.escape_special_text)")

@@ -172,7 +172,8 @@ def detect_kind(rec) -> str | None:
     return None
 
 
-def _check_record(rec, kind: str, where: str) -> None:
+def _check_record(rec, kind: str, where: str):
+    """Raise ValueError naming `where` unless `rec` is a valid record of `kind`; returns its parsed parts."""
     if not isinstance(rec, dict):
         raise ValueError(f"{where}: a record must be a JSON object, got {type(rec).__name__}")
     if kind == "sft" and "messages" not in rec and {"prompt", "completion"} <= set(rec):
@@ -186,7 +187,7 @@ def _check_record(rec, kind: str, where: str) -> None:
     try:
         if "tools" in rec and kind != "text":
             check_messages([], tools=rec["tools"])
-        _PARSE[kind](rec)
+        return _PARSE[kind](rec)
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
 
@@ -214,8 +215,8 @@ def prepare_record(rec, kind: str, where: str = "record") -> tuple[dict | None, 
     rec, reason = _join_replies(rec, kind)
     if reason:
         return None, reason
-    _check_record(rec, kind, where)
-    if kind == "preference" and replies_identical(*preference_parts(rec)[1:]):
+    parts = _check_record(rec, kind, where)
+    if kind == "preference" and replies_identical(*parts[1:]):
         return None, IDENTICAL_REPLIES
     return rec, None
 

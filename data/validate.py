@@ -44,15 +44,31 @@ def escape_special_text(text: str) -> str:
 
 def escape_strings(obj: Any) -> Any:
     """`obj` with escape_special_text applied to every string inside it (values, not keys). Returns `obj` itself
-    when nothing changes, so clean records are not copied."""
+    when nothing changes, so clean records are neither copied nor rebuilt."""
+    return _escape(obj) if _has_special_text(obj) else obj
+
+
+def _has_special_text(obj: Any) -> bool:
+    stack = [obj]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, str):
+            if "<|" in x and SPECIAL_TEXT.search(x):
+                return True
+        elif isinstance(x, dict):
+            stack.extend(x.values())
+        elif isinstance(x, list):
+            stack.extend(x)
+    return False
+
+
+def _escape(obj: Any) -> Any:
     if isinstance(obj, str):
         return escape_special_text(obj)
     if isinstance(obj, list):
-        out = [escape_strings(x) for x in obj]
-        return obj if all(a is b for a, b in zip(out, obj)) else out
+        return [_escape(x) for x in obj]
     if isinstance(obj, dict):
-        out = {k: escape_strings(v) for k, v in obj.items()}
-        return obj if all(out[k] is v for k, v in obj.items()) else out
+        return {k: _escape(v) for k, v in obj.items()}
     return obj
 
 
