@@ -211,7 +211,10 @@ def prepare_record(rec, kind: str, where: str = "record") -> tuple[dict | None, 
     Raises ValueError naming `where` for a malformed one. Special-token text is escaped; replies joined."""
     if not isinstance(rec, dict):
         raise ValueError(f"{where}: a record must be a JSON object, got {type(rec).__name__}")
-    rec = escape_strings(rec)
+    try:
+        rec = escape_strings(rec)
+    except RecursionError:
+        raise ValueError(f"{where}: nested too deeply") from None
     rec, reason = _join_replies(rec, kind)
     if reason:
         return None, reason

@@ -28,6 +28,7 @@ ZWSP = "\u200b"
 REPLY_SPANS_TURNS = "reply spans several turns (tool results or tool calls between messages)"
 IDENTICAL_REPLIES = "chosen equals rejected"
 ROLES = ("system", "user", "assistant", "tool")
+MAX_DEPTH = 64  # nesting of tool arguments and schemas
 
 
 class RecordError(ValueError):
@@ -74,7 +75,7 @@ def _escape(obj: Any) -> Any:
 
 # ------------------------------------------------------------------------------------- messages from exports
 def _type(x: Any) -> str:
-    return type(x).__name__
+    return "null" if x is None else type(x).__name__
 
 
 def normalize_tool_call(call: Any, where: str) -> dict:
@@ -95,19 +96,24 @@ def normalize_tool_call(call: Any, where: str) -> dict:
         args = parsed if isinstance(parsed, dict) else args
     if not isinstance(args, (dict, str)):
         raise RecordError(f"{where}.arguments must be an object or a JSON string, got {_type(args)}")
-    if not _finite(args):
-        raise RecordError(f"{where}.arguments holds NaN or Infinity, which is not JSON")
+    _plain_json(args, f"{where}.arguments")
     return {"type": "function", "function": {"name": escape_special_text(name), "arguments": escape_strings(args)}}
 
 
-def _finite(obj: Any) -> bool:
-    if isinstance(obj, float):
-        return math.isfinite(obj)
-    if isinstance(obj, dict):
-        return all(_finite(v) for v in obj.values())
-    if isinstance(obj, list):
-        return all(_finite(v) for v in obj)
-    return True
+def _plain_json(obj: Any, where: str) -> None:
+    """RecordError unless `obj` is JSON that every writer and renderer can take: no NaN / Infinity (not JSON), and
+    nested at most MAX_DEPTH deep (deeper values would hit recursion limits further on)."""
+    stack = [(obj, 1)]
+    while stack:
+        x, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise RecordError(f"{where} is nested deeper than {MAX_DEPTH} levels")
+        if isinstance(x, float) and not math.isfinite(x):
+            raise RecordError(f"{where} holds NaN or Infinity, which is not JSON")
+        if isinstance(x, dict):
+            stack += [(v, depth + 1) for v in x.values()]
+        elif isinstance(x, list):
+            stack += [(v, depth + 1) for v in x]
 
 
 def normalize_message(m: Any, where: str, roles: tuple[str, ...] = ROLES) -> dict:
@@ -116,7 +122,7 @@ def normalize_message(m: Any, where: str, roles: tuple[str, ...] = ROLES) -> dic
         raise RecordError(f"{where} must be a message object, got {_type(m)}")
     role, content, calls = m.get("role"), m.get("content"), m.get("tool_calls")
     if role not in roles:
-        raise RecordError(f"{where}.role must be one of {'/'.join(roles)}, got {str(role)[:40]!r}")
+        raise RecordError(f"{where}.role must be one of {'/'.join(roles)}, got {role!r:.40}")
     if calls is not None and not isinstance(calls, list):
         raise RecordError(f"{where}.tool_calls must be a list, got {_type(calls)}")
     if calls and role != "assistant":
@@ -130,7 +136,7 @@ def normalize_message(m: Any, where: str, roles: tuple[str, ...] = ROLES) -> dic
         out["tool_calls"] = [normalize_tool_call(c, f"{where}.tool_calls[{j}]") for j, c in enumerate(calls)]
     if role == "assistant" and "weight" in m:
         if m["weight"] not in (0, 1) or not isinstance(m["weight"], int):
-            raise RecordError(f"{where}.weight must be 0 or 1, got {str(m['weight'])[:20]}")
+            raise RecordError(f"{where}.weight must be 0 or 1, got {m['weight']!r:.20}")
         out["weight"] = int(m["weight"])
     return out
 
@@ -147,8 +153,7 @@ def normalize_tools(value: Any) -> list[dict]:
     """A record's tool schemas: a list of objects (rendered with tojson into the system turn)."""
     if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
         raise RecordError(f"field 'tools' must be a list of tool schema objects, got {_type(value)}")
-    if not _finite(value):
-        raise RecordError("field 'tools' holds NaN or Infinity, which is not JSON")
+    _plain_json(value, "field 'tools'")
     return escape_strings(value)
 
 

@@ -344,3 +344,40 @@ def test_openwebui_rerated_message_uses_the_newest_feedback():
     pairs = [q for _, p in parse_rows([("a", first), ("b", second), ("c", again)]) for q in p.pairs]
     assert pairs == [{"prompt": [u("What is the capital of France?")], "chosen": [a("The capital of France is Lyon.")],
                       "rejected": [a("Paris.")]}]
+
+
+def test_librechat_tool_call_parts_become_tool_messages():
+    """A rated agent reply whose content parts are text, a tool call with its output, and text: the reply keeps the
+    call (arguments parsed from LibreChat's JSON string) and the tool result as messages."""
+    rows = [("f:1", {"messageId": "u1", "parentMessageId": None, "isCreatedByUser": True, "text": "Capital?"}),
+            ("f:2", {"messageId": "a1", "parentMessageId": "u1", "text": "", "feedback": {"rating": "thumbsUp"},
+                     "content": [{"type": "text", "text": "Let me look. "},
+                                 {"type": "tool_call", "tool_call": {"name": "search", "args": '{"q": "capital"}',
+                                                                     "output": "Paris"}},
+                                 {"type": "think", "think": "not shown"}, {"type": "text", "text": "It is Paris."}]})]
+    out = [p for _, p in parse_rows(rows)]
+    assert out[1].singles == [{"prompt": [u("Capital?")], "label": True, "completion": [
+        {"role": "assistant", "content": "Let me look. ",
+         "tool_calls": [{"type": "function", "function": {"name": "search", "arguments": {"q": "capital"}}}]},
+        {"role": "tool", "content": "Paris"}, a("It is Paris.")]}]
+    assert out[1].single_uses == [("f:1",)]
+    dup = parse_rows(rows + [("f:3", rows[0][1])])
+    assert [p.error for _, p in dup][2] == "duplicate messageId 'u1'"
+
+
+def test_tool_calls_kept_in_message_formats():
+    """OpenAI / TRL tool-calling messages: content may be missing, arguments a JSON string (parsed), tools kept."""
+    tools = [{"type": "function", "function": {"name": "get_time"}}]
+    rec = {"messages": [u("Time?"), {"role": "assistant", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "12:00"}, a("Noon.")], "rating": 1, "tools": tools}
+    p = only(parse_rows([("f:1", rec)]))
+    assert p.singles == [{"prompt": [u("Time?"), {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "get_time", "arguments": {}}}]}, {"role": "tool", "content": "12:00"}],
+        "completion": [a("Noon.")], "label": True, "tools": tools}]
+    bad = dict(rec, messages=[u("x"), {"role": "user", "content": "y", "tool_calls": [{}]}, a("z")])
+    assert parse_rows([("f:2", bad)])[0][1].error == "messages[1] has tool_calls but role 'user' (only assistant " \
+                                                    "messages call tools)"
+    deep = {"function": {"name": "f", "arguments": json.loads('{"a": ' * 70 + "1" + "}" * 70)}}
+    bad = dict(rec, messages=[u("x"), {"role": "assistant", "tool_calls": [deep]}])
+    assert "nested deeper than 64 levels" in parse_rows([("f:3", bad)])[0][1].error
