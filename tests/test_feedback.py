@@ -218,3 +218,116 @@ def test_module_entry_point(tmp_path):
     assert res.returncode == 0, res.stderr
     assert res.stdout.splitlines()[:2] == ["read 1 records from 1 file(s): kept 1, dropped 0, malformed 0",
                                            "rows written: sft 0, pairs 1, unpaired 0"]
+
+
+# ------------------------------------------------------------------------------- output set, exit status, errors
+def test_out_problems_are_one_line_errors(tmp_path, capsys):
+    good = f"{FORMATS}/shp.jsonl"
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "model.safetensors").write_text("weights")
+    cases = [(tmp_path / "a_file", "is a file, not a folder"),
+             (tmp_path / "a_file" / "sub", "a_file is a file, not a folder"),
+             (tmp_path / "theirs", "holds files this command did not write (model.safetensors)"),
+             (Path("/sys/qwen-align-no-write"), "cannot write --out /sys/qwen-align-no-write")]
+    for out, msg in cases:
+        if str(out).startswith("/sys") and not os.path.isdir("/sys"):
+            continue
+        assert main([good, "--out", str(out)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: --out" if "cannot write" not in msg else "error: cannot write") and msg in err, err
+        assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert (tmp_path / "theirs" / "model.safetensors").read_text() == "weights"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_out_without_write_permission(tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        assert main([f"{FORMATS}/shp.jsonl", "--out", str(locked / "out")]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: cannot write --out {locked / 'out'}") and err.count("\n") == 1
+    finally:
+        locked.chmod(0o700)
+
+
+def test_unreadable_inputs_exit_status_and_old_outputs_kept(tmp_path, capsys):
+    """An input that cannot be read (a typo, a folder, not JSON): exit 2 and the others written; if nothing is
+    kept, exit 1 and the previous output set stays byte for byte."""
+    rc, out, rep = run(tmp_path, f"{FORMATS}/shp.jsonl", tmp_path / "typo.jsonl", tmp_path, f"{FORMATS}/README.md")
+    assert rc == 2 and rep["kept"]["pairs"] == 1
+    assert rep["unreadable_inputs"] == [str(tmp_path / "typo.jsonl"), str(tmp_path), f"{FORMATS}/README.md"]
+    err = capsys.readouterr().err
+    assert "typo.jsonl: cannot read file: [Errno 2] No such file or directory" in err
+    assert "Is a directory" in err and f"{FORMATS}/README.md: no record is JSON" in err
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    for bad in (tmp_path / "typo.jsonl", tmp_path / "empty.jsonl"):
+        (tmp_path / "empty.jsonl").write_text("")
+        assert main([str(bad), "--out", str(out)]) == 1
+        assert capsys.readouterr().err.endswith(f"error: nothing kept from 1 input(s); {out} was left as it was\n")
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_failed_write_leaves_the_old_set(tmp_path):
+    """A write that fails half way (here: a row that is not JSON-serialisable, after sft.jsonl was written) leaves
+    the previous four files exactly as they were and no temporary folder behind."""
+    from data.feedback import write_outputs
+
+    rc, out, rep = run(tmp_path, f"{FORMATS}/trl_formats.jsonl")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(TypeError):
+        write_outputs(str(out), {"sft": [{"messages": []}], "pairs": [{"x": {1, 2}}], "unpaired": []}, rep)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_tree_accounting_counts_context_as_kept(tmp_path):
+    """OASST: the prompter message is the context of the kept pair (kept); an unranked reply elsewhere in the tree
+    and a message whose parent is missing are dropped / malformed, each counted once."""
+    rows = [json.loads(line) for line in (Path(FORMATS) / "oasst1_messages.jsonl").read_text().splitlines()]
+    rows.append(dict(rows[2], message_id="m3", parent_id="m1", role="prompter", rank=None, text="thanks"))
+    rows.append(dict(rows[2], message_id="m4", parent_id="gone", text="orphan"))
+    path = tmp_path / "oasst.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rc, out, rep = run(tmp_path, path)
+    assert rc == 0 and accounted(rep) == {"read": 5, "kept": 3, "dropped": 1, "malformed": 1}
+    assert rep["dropped"] == {"no feedback of its own, and no kept row uses it": 1}
+    assert rep["error_examples"] == [f"{path}:5 (message_id=m4): message 'm4' has parent 'gone', which is not in "
+                                     f"the input"]
+
+
+def test_feedback_sft_row_learns_only_the_rated_reply(tmp_path, small_tok):
+    """A thumbs-up on the second reply of a conversation whose first reply is bad: the sft.jsonl row marks the first
+    reply weight 0 and the rated one weight 1, and the default mask learns only "Good answer." + <|im_end|>."""
+    from data.datasets import build_sft_examples, load_records
+
+    conv = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "Bad answer."},
+            {"role": "user", "content": "q2"}, {"role": "assistant", "content": "Good answer."}]
+    path = tmp_path / "thumbs.jsonl"
+    path.write_text(json.dumps({"messages": conv, "rating": "thumbs_up"}) + "\n")
+    rc, out, rep = run(tmp_path, path)
+    (row,) = load(out / "sft.jsonl")
+    assert [m.get("weight") for m in row["messages"]] == [None, 0, None, 1]
+    records, _ = load_records(out / "sft.jsonl")
+    for mask in ("all_assistant", "last_assistant"):
+        (ex,), _ = build_sft_examples(records, small_tok, 256, mask=mask)
+        assert small_tok.decode([t for t in ex["labels"] if t != -100]) == "Good answer.<|im_end|>"
+    (ex,), _ = build_sft_examples([{"messages": conv}], small_tok, 256)  # without weights both replies are learned
+    assert small_tok.decode([t for t in ex["labels"] if t != -100]) == "Bad answer.<|im_end|>Good answer.<|im_end|>"
+
+
+def test_special_token_text_is_escaped_and_trainable(tmp_path, small_tok):
+    """A user asking what <|im_start|> is: kept, written with a zero-width space after "<|", and it tokenises as
+    text (no <|im_start|> id inside the turn)."""
+    from data.datasets import build_sft_examples, load_records
+
+    path = tmp_path / "q.jsonl"
+    path.write_text(json.dumps({"prompt": "What is <|im_start|>?", "completion": "It opens a turn.",
+                                "rating": 1}) + "\n")
+    rc, out, rep = run(tmp_path, path)
+    assert rc == 0 and load(out / "sft.jsonl")[0]["messages"][0]["content"] == "What is <|\u200bim_start|>?"
+    records, _ = load_records(out / "sft.jsonl")
+    (ex,), _ = build_sft_examples(records, small_tok, 256, default_system=None)
+    assert ex["input_ids"].count(small_tok.convert_tokens_to_ids("<|im_start|>")) == 2  # the two turn markers only
