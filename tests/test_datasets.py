@@ -295,8 +295,8 @@ def test_load_records_escapes_joins_and_skips_with_a_reason(tmp_path, capsys):
     space after "<|"), several plain assistant messages joined, identical and tool-spanning replies skipped."""
     recs = [
         {"prompt": "What is <|im_start|>?", "chosen": "A marker.", "rejected": "No idea."},
-        {"prompt": [U_HI], "chosen": [{"role": "assistant", "content": "One."}, {"role": "assistant", "content": "Two."}],
-         "rejected": [A_HI]},
+        {"prompt": [U_HI], "rejected": [A_HI],
+         "chosen": [{"role": "assistant", "content": "One."}, {"role": "assistant", "content": "Two."}]},
         {"prompt": [U_HI], "chosen": [A_HI], "rejected": [A_HI]},
         {"prompt": [U_HI], "chosen": [{"role": "assistant", "content": "", "tool_calls": [
             {"function": {"name": "f", "arguments": {}}}]}, {"role": "tool", "content": "1"}, A_HI],

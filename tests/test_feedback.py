@@ -156,7 +156,8 @@ def test_cli_empty_file_invalid_utf8_and_wrong_types_are_counted(tmp_path, capsy
         "file is empty (no records)", "invalid UTF-8 at byte 12 of the line",
         "messages[0].content must be a string, got int",
         "cannot tell the format of this record (keys list); pass --format"]
-    assert rep["inputs"][str(tmp_path / "empty.jsonl")]["error"] == f"{tmp_path / 'empty.jsonl'}: file is empty (no records)"
+    empty = tmp_path / "empty.jsonl"
+    assert rep["inputs"][str(empty)]["error"] == f"{empty}: file is empty (no records)"
     assert capsys.readouterr().err.endswith(f"error: could not read {tmp_path / 'empty.jsonl'}: file is empty (no "
                                             f"records) (the other inputs were written)\n")
 
@@ -235,7 +236,8 @@ def test_out_problems_are_one_line_errors(tmp_path, capsys):
             continue
         assert main([good, "--out", str(out)]) == 1
         err = capsys.readouterr().err
-        assert err.startswith("error: --out" if "cannot write" not in msg else "error: cannot write") and msg in err, err
+        assert err.startswith("error: cannot write" if "cannot write" in msg else "error: --out"), err
+        assert msg in err, err
         assert err.count("\n") == 1 and "Traceback" not in err, err
     assert (tmp_path / "theirs" / "model.safetensors").read_text() == "weights"
 

@@ -372,9 +372,10 @@ def test_tool_calls_kept_in_message_formats():
         {"id": "c1", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}]},
         {"role": "tool", "tool_call_id": "c1", "content": "12:00"}, a("Noon.")], "rating": 1, "tools": tools}
     p = only(parse_rows([("f:1", rec)]))
-    assert p.singles == [{"prompt": [u("Time?"), {"role": "assistant", "content": "", "tool_calls": [
-        {"type": "function", "function": {"name": "get_time", "arguments": {}}}]}, {"role": "tool", "content": "12:00"}],
-        "completion": [a("Noon.")], "label": True, "tools": tools}]
+    call = {"type": "function", "function": {"name": "get_time", "arguments": {}}}
+    assert p.singles == [{"prompt": [u("Time?"), {"role": "assistant", "content": "", "tool_calls": [call]},
+                                     {"role": "tool", "content": "12:00"}],
+                          "completion": [a("Noon.")], "label": True, "tools": tools}]
     bad = dict(rec, messages=[u("x"), {"role": "user", "content": "y", "tool_calls": [{}]}, a("z")])
     assert parse_rows([("f:2", bad)])[0][1].error == "messages[1] has tool_calls but role 'user' (only assistant " \
                                                     "messages call tools)"
