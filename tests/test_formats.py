@@ -108,6 +108,8 @@ def test_summarize_sample_prompt_format():
     assert p.pairs[0]["chosen"] == [a("I forget birthdays, need a system.")]  # choice 0, leading space removed
     obj = sample_rows("summarize_from_feedback_comparisons.jsonl")[0][1]
     assert parse_rows([("f", dict(obj, choice=2))])[0][1].error == "choice must be 0 or 1, got 2"
+    no_title = dict(obj, info={k: v for k, v in obj["info"].items() if k != "title"})  # used to become "TITLE: None"
+    assert parse_rows([("f", no_title)])[0][1].error == "field 'info.title' must be a string, got null"
 
 
 def test_argilla_and_labelstudio_sample_mixed_in_one_file():
