@@ -6,32 +6,29 @@ Pure functions on strings first, then `clean_records`, which applies them to the
 
 from __future__ import annotations
 
-import functools
 import json
 import re
 import sys
 import unicodedata
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-import numpy as np
 from tqdm import tqdm
+
+from data.chatml import assistant_body
+from data.dedupe import (  # noqa: F401  (re-exported: tests and callers import them from here)
+    exact_duplicate_of,
+    lsh_params,
+    minhash,
+    near_duplicate_of,
+    normalize_key,
+    shingle_hashes,
+)
 
 _PROGRESS_MIN = 5000  # records; below this a progress bar is noise
 
 # ----------------------------------------------------------------------------------------------- normalisation
-_WS = re.compile(r"\s+")
-
-
-def normalize_key(text: str) -> str:
-    """Comparison key: NFKC (full-width -> ASCII forms, compatibility characters), casefold, whitespace collapsed.
-
-    Used for dedupe and decontamination only: written text keeps its full-width Chinese punctuation, which NFKC
-    would turn into ASCII ("，" -> ",") and so change the style of Traditional / Simplified Chinese replies.
-    """
-    return _WS.sub(" ", unicodedata.normalize("NFKC", text).casefold()).strip()
-
-
 def tidy_text(text: str) -> str:
     """Lossless tidy-up for written text: NFC, CRLF -> LF, no trailing spaces, at most one blank line, stripped."""
     text = unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\r", "\n")
@@ -122,10 +119,18 @@ def ngram_tokens(text: str) -> list[str]:
     return _TOKEN.findall(normalize_key(text))
 
 
-def ngram_set(text: str, n: int) -> set[int]:
+def _gram_hashes(text: str, n: int) -> Iterator[int]:
+    """Hashes of the token n-grams of `text`, streamed (a 3-million-character text needs no token list)."""
     # Python's hash of a tuple: fast, and stable within the one process that builds and queries the set
-    toks = ngram_tokens(text)
-    return {hash(tuple(toks[i:i + n])) for i in range(len(toks) - n + 1)}
+    window: deque[str] = deque(maxlen=n)
+    for m in _TOKEN.finditer(normalize_key(text)):
+        window.append(m.group())
+        if len(window) == n:
+            yield hash(tuple(window))
+
+
+def ngram_set(text: str, n: int) -> set[int]:
+    return set(_gram_hashes(text, n))
 
 
 class Decontaminator:
@@ -139,119 +144,32 @@ class Decontaminator:
             self.grams |= grams
 
     def contaminated(self, text: str) -> bool:
-        return not self.grams.isdisjoint(ngram_set(text, self.n))
+        grams = self.grams
+        return any(h in grams for h in _gram_hashes(text, self.n))
 
 
-def strings_in(obj) -> Iterable[str]:
-    """Every string value inside a JSON value (an eval record's question, choices, answer ...)."""
+def strings_in(obj) -> Iterator[str]:
+    """Every string value inside a JSON value (an eval record's question, choices, answer ...), in order."""
+    stack = [obj]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, str):
+            yield x
+        elif isinstance(x, dict):
+            stack.extend(reversed(list(x.values())))
+        elif isinstance(x, list):
+            stack.extend(reversed(x))
+
+
+def map_strings(obj, fn):
+    """`obj` with `fn` applied to every string inside it (tool-call arguments)."""
     if isinstance(obj, str):
-        yield obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from strings_in(v)
-    elif isinstance(obj, list):
-        for v in obj:
-            yield from strings_in(v)
-
-
-# ------------------------------------------------------------------------------------ MinHash near-duplicates
-_M64 = np.uint64(0x9E3779B97F4A7C15)
-
-
-def _mix64(x: np.ndarray) -> np.ndarray:
-    """splitmix64 finaliser: spreads rolling-hash values over all 64 bits."""
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
-
-
-def shingle_hashes(text: str, k: int = 5) -> np.ndarray:
-    """Distinct 64-bit hashes of the character k-shingles of `text`  # (S,)
-
-    Characters, not words, so Chinese needs no segmentation; a text shorter than k is one shingle.
-    """
-    cps = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)  # (C,)
-    if len(cps) == 0:
-        return np.zeros(1, dtype=np.uint64)
-    k = min(k, len(cps))
-    h = np.zeros(len(cps) - k + 1, dtype=np.uint64)  # (S,)
-    for j in range(k):  # polynomial rolling hash, wrapping mod 2^64
-        h = h * _M64 + cps[j:j + len(h)]
-    return np.unique(_mix64(h))
-
-
-@functools.lru_cache(maxsize=8)
-def _permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    a = rng.integers(0, 2**63, num_perm, dtype=np.uint64) * np.uint64(2) + np.uint64(1)  # odd: a bijection mod 2^64
-    return a, rng.integers(0, 2**63, num_perm, dtype=np.uint64)
-
-
-def minhash(text: str, num_perm: int = 128, k: int = 5, seed: int = 0) -> np.ndarray:
-    """MinHash signature of the normalised text  # (num_perm,)
-
-    Permutation i is x -> a_i * x + b_i mod 2^64 with odd a_i (a bijection); P(sig_a[i] == sig_b[i]) estimates the
-    Jaccard similarity of the two shingle sets (Broder 1997).
-    """
-    a, b = _permutations(num_perm, seed)  # (num_perm,) each
-    h = shingle_hashes(normalize_key(text), k)  # (S,)
-    return (a[:, None] * h[None, :] + b[:, None]).min(axis=1)  # (num_perm,)
-
-
-def lsh_params(threshold: float, num_perm: int, recall: float = 0.99) -> tuple[int, int]:
-    """(bands, rows) for LSH banding: the fewest false candidates among settings that make a record pair with
-    Jaccard == threshold a candidate with probability >= recall.
-
-    A pair with Jaccard s shares a bucket in some band with probability 1 - (1 - s^rows)^bands (Leskovec et al.,
-    Mining of Massive Datasets, sec. 3.4); candidates are verified on the full signatures, so recall is what matters.
-    """
-    s = np.linspace(0.0, threshold, 1001)
-    best = None
-    for rows in range(1, num_perm + 1):
-        bands = num_perm // rows
-        if 1 - (1 - threshold**rows) ** bands < recall:
-            continue
-        false_mass = np.trapezoid(1 - (1 - s**rows) ** bands, s)
-        if best is None or false_mass < best[0]:
-            best = (false_mass, bands, rows)
-    if best is None:
-        raise ValueError(f"no LSH banding of {num_perm} permutations reaches recall {recall} at {threshold}")
-    return best[1], best[2]
-
-
-def near_duplicate_of(fields: list[list[str]], threshold: float = 0.9, num_perm: int = 128,
-                      k: int = 5) -> list[int | None]:
-    """For each record (a list of text fields), the index of an earlier kept record it nearly duplicates, else None.
-
-    Near duplicate = every field (e.g. prompt, chosen, rejected) has estimated Jaccard >= threshold; so two pairs
-    that share a long prompt but differ in their replies are both kept. Candidates come from LSH banding of the
-    first field's signature.
-    """
-    bands, rows = lsh_params(threshold, num_perm)
-    buckets: list[dict[bytes, list[int]]] = [{} for _ in range(bands)]
-    sigs, out = [], []
-    for i, rec in enumerate(tqdm(fields, desc="near-duplicates", disable=len(fields) < _PROGRESS_MIN, file=sys.stderr)):
-        sig = np.stack([minhash(f, num_perm, k) for f in rec])  # (F, num_perm)
-        sigs.append(sig)
-        keys = [sig[0, j * rows:(j + 1) * rows].tobytes() for j in range(bands)]
-        cands = {c for j, key in enumerate(keys) for c in buckets[j].get(key, ())}
-        dup = next((c for c in sorted(cands) if sigs[c].shape == sig.shape
-                    and (sigs[c] == sig).mean(axis=1).min() >= threshold), None)
-        out.append(dup)
-        if dup is None:
-            for j, key in enumerate(keys):
-                buckets[j].setdefault(key, []).append(i)
-    return out
-
-
-def exact_duplicate_of(keys: list[str]) -> list[int | None]:
-    """For each key, the index of its first occurrence if it is a repeat, else None."""
-    first: dict[str, int] = {}
-    out = []
-    for i, key in enumerate(keys):
-        out.append(first.get(key))
-        first.setdefault(key, i)
-    return out
+        return fn(obj)
+    if isinstance(obj, dict):
+        return {k: map_strings(v, fn) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [map_strings(v, fn) for v in obj]
+    return obj
 
 
 # ------------------------------------------------------------------------------------------- records pipeline
@@ -272,8 +190,8 @@ def _replies(kind: str, rec: dict) -> list[tuple[dict, bool]]:
     if kind == "pairs":
         return [(m, True) for m in rec["chosen"]] + [(m, False) for m in rec["rejected"]]
     if kind == "unpaired":
-        return [(m, bool(rec["label"])) for m in rec["completion"]]
-    return [(rec["messages"][-1], True)]
+        return [(m, bool(rec["label"])) for m in rec["completion"] if m["role"] == "assistant"]
+    return [(m, True) for m in rec["messages"] if m["role"] == "assistant" and m.get("weight", 1) != 0]
 
 
 def _messages_of(kind: str, rec: dict) -> list[dict]:
@@ -281,29 +199,44 @@ def _messages_of(kind: str, rec: dict) -> list[dict]:
     return [m for key in keys[kind] for m in rec[key]]
 
 
+def _text(m: dict) -> str:
+    """What a message renders to: the content, and an assistant message's tool calls."""
+    return assistant_body(m) if m["role"] == "assistant" else m["content"]
+
+
 def _fields(kind: str, rec: dict) -> list[str]:
-    """Text fields compared for near duplicates; the unpaired label is part of the completion field."""
-    join = lambda msgs: "\n".join(f"{m['role']}: {m['content']}" for m in msgs)  # noqa: E731
+    """Text fields compared for near duplicates; the unpaired label is part of the completion field, the tool
+    schemas part of the prompt."""
+    join = lambda msgs: "\n".join(f"{m['role']}: {_text(m)}" for m in msgs)  # noqa: E731
+    tools = "\n" + json.dumps(rec["tools"], ensure_ascii=False) if rec.get("tools") else ""
     if kind == "pairs":
-        return [join(rec["prompt"]), join(rec["chosen"]), join(rec["rejected"])]
+        return [join(rec["prompt"]) + tools, join(rec["chosen"]), join(rec["rejected"])]
     if kind == "unpaired":
-        return [join(rec["prompt"]), join(rec["completion"]) + f"\nlabel: {rec['label']}"]
-    return [join(rec["messages"])]
+        return [join(rec["prompt"]) + tools, join(rec["completion"]) + f"\nlabel: {rec['label']}"]
+    return [join(rec["messages"]) + tools]
 
 
 def rule_problem(kind: str, rec: dict, cfg: CleanConfig) -> str | None:
     """Why one (already tidied) record is dropped by the CELLM rules or decontamination, or None."""
     prompt_text = "\n".join(m["content"] for m in rec.get("prompt", rec.get("messages", [])[:-1]))
     for msg, positive in _replies(kind, rec):
+        text = msg["content"]
+        if msg.get("tool_calls") and not text.strip():
+            continue  # a tool call with no text is a complete reply
         # incomplete or broken replies are bad targets; as rejected / thumbs-down they are honest negatives
-        reason = incomplete_reason(msg["content"]) if positive else (
-            "empty reply" if not msg["content"].strip() else None)
-        reason = reason or (json_problem(prompt_text, msg["content"]) if positive else None)
+        reason = incomplete_reason(text) if positive else ("empty reply" if not text.strip() else None)
+        reason = reason or (json_problem(prompt_text, text) if positive else None)
         if reason:
             return reason
-    if cfg.decontaminator and any(cfg.decontaminator.contaminated(m["content"]) for m in _messages_of(kind, rec)):
+    if cfg.decontaminator and any(cfg.decontaminator.contaminated(_text(m)) for m in _messages_of(kind, rec)):
         return f"contaminated ({cfg.decontaminator.n}-gram overlap with eval data)"
     return None
+
+
+def _scrub(m: dict) -> None:
+    m["content"] = scrub_pii(m["content"])
+    for call in m.get("tool_calls", ()):
+        call["function"]["arguments"] = map_strings(call["function"]["arguments"], scrub_pii)
 
 
 def clean_records(kind: str, records: list[dict], cfg: CleanConfig) -> tuple[list[tuple[int, dict]],
@@ -327,7 +260,7 @@ def clean_records(kind: str, records: list[dict], cfg: CleanConfig) -> tuple[lis
             continue
         if cfg.scrub_pii:
             for m in _messages_of(kind, rec):
-                m["content"] = scrub_pii(m["content"])
+                _scrub(m)
         kept.append((i, rec))
     if not cfg.dedupe:
         return kept, dropped

@@ -11,6 +11,11 @@ Standard (string) fields are accepted everywhere a message list is: a string pro
 reply one assistant turn, as in data/formats.py, so every example is ChatML. Implicit string pairs
 {"chosen": "The sky is blue.", "rejected": "The sky is green."} split at the last whitespace before they differ.
 
+Records may carry "tools" (tool schemas, rendered into the system turn as Qwen2.5 does) and messages with
+"tool_calls", "tool" results and "weight" (0 = context, not learned; data/chatml.py). Every record that
+load_records returns went through prepare_record, the validation data.feedback applies to its outputs too
+(data/validate.py): special-token text escaped, multi-message replies joined, unusable records skipped with a reason.
+
 Labels are always shifted with data.chatml.shift_labels (labels[t] is the target of logits[t]). Truncation is explicit:
 "drop" drops an over-long example, "truncate" cuts the END of an SFT example, and for preference/prompt examples keeps
 the LAST prompt tokens (responses are never cut: the reward and DPO losses need their <|im_end|>). Every builder returns
@@ -21,6 +26,8 @@ from __future__ import annotations
 
 import os
 import random
+import sys
+from collections import Counter
 from dataclasses import dataclass, field
 
 from tqdm import tqdm
@@ -36,6 +43,7 @@ from data.chatml import (
     tokenize_chat,
     tokenize_response,
 )
+from data.validate import IDENTICAL_REPLIES, escape_strings, join_reply, replies_identical
 
 KINDS = ("sft", "preference", "unpaired", "prompt", "text")
 TRUNCATIONS = ("drop", "truncate")
@@ -164,7 +172,8 @@ def detect_kind(rec) -> str | None:
     return None
 
 
-def _check_record(rec, kind: str, where: str) -> None:
+def _check_record(rec, kind: str, where: str):
+    """Raise ValueError naming `where` unless `rec` is a valid record of `kind`; returns its parsed parts."""
     if not isinstance(rec, dict):
         raise ValueError(f"{where}: a record must be a JSON object, got {type(rec).__name__}")
     if kind == "sft" and "messages" not in rec and {"prompt", "completion"} <= set(rec):
@@ -176,9 +185,43 @@ def _check_record(rec, kind: str, where: str) -> None:
         if missing:
             raise ValueError(f"{where}: {kind} record is missing {missing}; it has keys {sorted(rec)}")
     try:
-        _PARSE[kind](rec)
+        if "tools" in rec and kind != "text":
+            check_messages([], tools=rec["tools"])
+        return _PARSE[kind](rec)
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
+
+
+def _join_replies(rec: dict, kind: str) -> tuple[dict, str | None]:
+    """Multi-message replies of explicit-prompt pairs and unpaired records as one assistant message (join_reply)."""
+    keys = {"preference": ("chosen", "rejected") if "prompt" in rec else (), "unpaired": ("completion",)}.get(kind, ())
+    for key in keys:
+        value = rec.get(key)
+        if isinstance(value, list) and len(value) > 1 and all(isinstance(m, dict) for m in value):
+            joined, reason = join_reply(value)
+            if reason:
+                return rec, reason
+            rec = {**rec, key: [joined]}
+    return rec, None
+
+
+def prepare_record(rec, kind: str, where: str = "record") -> tuple[dict | None, str | None]:
+    """The one validation between a stored record and the trainers (data/validate.py):
+    -> (record ready for the builders, None), or (None, reason) for a well-formed record no trainer can use.
+    Raises ValueError naming `where` for a malformed one. Special-token text is escaped; replies joined."""
+    if not isinstance(rec, dict):
+        raise ValueError(f"{where}: a record must be a JSON object, got {type(rec).__name__}")
+    try:
+        rec = escape_strings(rec)
+    except RecursionError:
+        raise ValueError(f"{where}: nested too deeply") from None
+    rec, reason = _join_replies(rec, kind)
+    if reason:
+        return None, reason
+    parts = _check_record(rec, kind, where)
+    if kind == "preference" and replies_identical(*parts[1:]):
+        return None, IDENTICAL_REPLIES
+    return rec, None
 
 
 # -------------------------------------------------------------------------------------------------- loading
@@ -211,7 +254,8 @@ def _read_json(path: str) -> list[tuple[str, dict]]:
 def load_records(path: str | os.PathLike, kind: str | None = None) -> tuple[list[dict], str]:
     """Read .jsonl/.json (optionally .gz), .parquet, .arrow or a saved HF dataset folder; validate every record.
 
-    `kind` defaults to the kind of the first record (detect_kind). Errors name the file and line/row.
+    `kind` defaults to the kind of the first record (detect_kind). Errors name the file and line/row. Every record
+    goes through prepare_record: escaped, joined, and skipped (counted on stderr) when no trainer can use it.
     """
     path = str(path)
     if not os.path.exists(path):
@@ -227,9 +271,19 @@ def load_records(path: str | os.PathLike, kind: str | None = None) -> tuple[list
             keys = sorted(rows[0][1]) if isinstance(rows[0][1], dict) else type(rows[0][1]).__name__
             raise ValueError(f"{rows[0][0]}: cannot tell the record kind from keys {keys}; expected one of "
                              f"messages | prompt+chosen+rejected | prompt+completion+label | prompt | text")
+    records, skipped = [], Counter()
     for where, rec in rows:
-        _check_record(rec, kind, where)
-    return [rec for _, rec in rows], kind
+        rec, reason = prepare_record(rec, kind, where)
+        if reason:
+            skipped[reason] += 1
+        else:
+            records.append(rec)
+    if skipped:
+        reasons = ", ".join(f"{r}: {n}" for r, n in sorted(skipped.items()))
+        print(f"{path}: skipped {sum(skipped.values())} of {len(rows)} records ({reasons})", file=sys.stderr)
+    if not records:
+        raise ValueError(f"{path}: none of its {len(rows)} records can be used ({reasons})")
+    return records, kind
 
 
 # ---------------------------------------------------------------------------------------------------- builders
@@ -252,8 +306,8 @@ def build_sft_examples(records, tokenizer, max_len: int, mask: str = "all_assist
     report, out = DataReport(), []
     for i, rec in enumerate(tqdm(records, desc="sft examples", disable=None, leave=False)):
         report.read += 1
-        tc = _parse(lambda r: tokenize_chat(tokenizer, sft_messages(r), mask=mask,
-                                                          default_system=default_system), rec, i)
+        tc = _parse(lambda r: tokenize_chat(tokenizer, sft_messages(r), mask=mask, default_system=default_system,
+                                            tools=r.get("tools")), rec, i)
         ids, loss_mask = tc.input_ids, tc.loss_mask
         if len(ids) > max_len:
             if truncation == "drop":
@@ -270,9 +324,9 @@ def build_sft_examples(records, tokenizer, max_len: int, mask: str = "all_assist
     return out, report
 
 
-def _prompt_ids(tokenizer, prompt: list[dict], default_system: str | None) -> list[int]:
-    return tokenize_chat(tokenizer, prompt, mask="none", add_generation_prompt=True,
-                         default_system=default_system).input_ids
+def _prompt_ids(tokenizer, prompt: list[dict], default_system: str | None, tools=None) -> list[int]:
+    return tokenize_chat(tokenizer, prompt, mask="none", add_generation_prompt=True, default_system=default_system,
+                         tools=tools).input_ids
 
 
 def _fit_prompt(prompt_ids, longest_reply: int, max_len: int, truncation: str, report: DataReport):
@@ -308,13 +362,14 @@ def build_preference_examples(records, tokenizer, max_len: int, reward_token: bo
     for i, rec in enumerate(tqdm(records, desc="preference examples", disable=None, leave=False)):
         report.read += 1
         prompt, chosen, rejected = _parse(preference_parts, rec, i)
-        if chosen["content"] == rejected["content"]:
+        if replies_identical(chosen, rejected):
             report.drop("identical_replies")
             continue
-        chosen_ids = tokenize_response(tokenizer, chosen["content"]) + tail
-        rejected_ids = tokenize_response(tokenizer, rejected["content"]) + tail
+        chosen_ids = tokenize_response(tokenizer, chosen) + tail
+        rejected_ids = tokenize_response(tokenizer, rejected) + tail
         longest = max(len(chosen_ids), len(rejected_ids))
-        prompt_ids = _fit_prompt(_prompt_ids(tokenizer, prompt, default_system), longest, max_len, truncation, report)
+        prompt_ids = _fit_prompt(_prompt_ids(tokenizer, prompt, default_system, rec.get("tools")), longest, max_len,
+                                 truncation, report)
         if prompt_ids is not None:
             report.kept += 1
             out.append({"prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids})
@@ -330,8 +385,8 @@ def build_unpaired_examples(records, tokenizer, max_len: int, reward_token: bool
     for i, rec in enumerate(tqdm(records, desc="unpaired examples", disable=None, leave=False)):
         report.read += 1
         prompt, completion, label = _parse(unpaired_parts, rec, i)
-        completion_ids = tokenize_response(tokenizer, completion["content"]) + tail
-        prompt_ids = _prompt_ids(tokenizer, prompt, default_system)
+        completion_ids = tokenize_response(tokenizer, completion) + tail
+        prompt_ids = _prompt_ids(tokenizer, prompt, default_system, rec.get("tools"))
         prompt_ids = _fit_prompt(prompt_ids, len(completion_ids), max_len, truncation, report)
         if prompt_ids is not None:
             report.kept += 1
@@ -350,11 +405,12 @@ def build_prompt_examples(records, tokenizer, max_prompt_len: int, truncation: s
     for i, rec in enumerate(tqdm(records, desc="prompt examples", disable=None, leave=False)):
         report.read += 1
         messages = _parse(prompt_messages, rec, i)
-        prompt_ids = _fit_prompt(_prompt_ids(tokenizer, messages, default_system), 0, max_prompt_len, truncation,
-                                 report)
+        tools = rec.get("tools") if isinstance(rec, dict) else None
+        prompt_ids = _fit_prompt(_prompt_ids(tokenizer, messages, default_system, tools), 0, max_prompt_len,
+                                 truncation, report)
         if prompt_ids is not None:
             report.kept += 1
-            out.append({"prompt_ids": prompt_ids, "messages": messages})
+            out.append({"prompt_ids": prompt_ids, "messages": messages, **({"tools": tools} if tools else {})})
     return out, report
 
 

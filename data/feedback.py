@@ -3,11 +3,22 @@
     python -m data.feedback INPUT... --out DIR [--format auto|openwebui|...] [--on-error skip|stop]
         [--decontaminate EVALFILE ...] [--ngram 13] [--near-dup-threshold 0.9] [--scrub-pii] [--no-dedupe]
 
-Phases: 1. read and parse every input (data/formats.py), 2. turn parsed feedback into the three outputs,
-3. clean each output (data/clean.py), 4. write sft.jsonl, pairs.jsonl, unpaired.jsonl and report.json atomically.
-sft.jsonl holds the positively rated replies (Taiwan-LLM's "feedback SFT" set); pairs.jsonl the preferences;
-unpaired.jsonl every single rating. Nothing is written before all inputs are read, so with --on-error stop an
-error leaves the output folder exactly as it was.
+Phases: 1. read and parse every input (data/io.py, data/formats.py), 2. turn parsed feedback into rows of the three
+outputs, 3. clean each output (data/clean.py), 4. the trainers' own validation (data.datasets.prepare_record), so
+every row written loads in every trainer, 5. account for every input record, 6. write sft.jsonl, pairs.jsonl,
+unpaired.jsonl and report.json into a temporary folder that then replaces DIR as a whole.
+
+sft.jsonl holds the positively rated replies (Taiwan-LLM's "feedback SFT" set) with the conversation before them:
+the rated reply's assistant messages carry "weight": 1 and earlier assistant messages "weight": 0, so the default
+training learns the rated reply alone. pairs.jsonl holds the preferences, unpaired.jsonl every single rating.
+
+Accounting (report.json, per input file and in total): records read = kept + dropped + malformed. A record is kept
+when a written row was built from it (as the rated message, or as context: a tree's earlier messages); dropped when
+valid but nothing written uses it, with one reason (a tie, "pairs: duplicate", ...); malformed when it cannot be
+read or parsed, with file:line (or file[index] and its id). Rows removed by cleaning are also counted by output.
+
+Exit status: 0 written; 2 written, but an input could not be read (entirely or to its end), named on stderr;
+1 nothing written: a usage error, --on-error stop hit a bad record, nothing was kept, or --out cannot be written.
 """
 
 from __future__ import annotations
@@ -17,15 +28,20 @@ import os
 import sys
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from tqdm import tqdm
 
 from data.clean import CleanConfig, Decontaminator, clean_records, strings_in
-from data.formats import PARSERS, parse_rows
-from data.io import DEFAULT_MAX_LINE_BYTES, read_rows, write_json, write_jsonl
+from data.datasets import prepare_record
+from data.formats import PARSERS, Parsed, parse_rows
+from data.io import DEFAULT_MAX_LINE_BYTES, FileError, read_rows, write_json, write_jsonl
 
 OUTPUTS = ("sft", "pairs", "unpaired")
+FILES = tuple(f"{name}.jsonl" for name in OUTPUTS) + ("report.json",)
+_KIND = {"sft": "sft", "pairs": "preference", "unpaired": "unpaired"}  # output -> data.datasets record kind
 _MAX_ERROR_EXAMPLES = 50
+NO_USE = "no feedback of its own, and no kept row uses it"
 
 
 @dataclass
@@ -33,7 +49,7 @@ class FeedbackConfig:
     inputs: list[str]
     """Feedback exports: .json / .jsonl, optionally .gz."""
     out: str
-    """Output folder for sft.jsonl, pairs.jsonl, unpaired.jsonl and report.json."""
+    """Output folder for sft.jsonl, pairs.jsonl, unpaired.jsonl and report.json (replaced as a whole)."""
     format: str = "auto"
     """Input format, or "auto" to detect it record by record."""
     on_error: str = "skip"
@@ -53,41 +69,78 @@ class FeedbackConfig:
 
 
 class FeedbackError(RuntimeError):
-    """A malformed input under --on-error stop, or an unusable setting."""
+    """A malformed input under --on-error stop, or an unusable setting; nothing is written."""
 
 
-def _file_report() -> dict:
-    return {"records_read": 0, "formats": Counter(), "kept": dict.fromkeys(OUTPUTS, 0), "dropped": Counter()}
+@dataclass
+class _Input:
+    """One input file while it is imported: its records' outcomes, keyed by the reader's where."""
+    path: str
+    order: list[str] = field(default_factory=list)  # record keys in reading order
+    malformed: dict[str, str] = field(default_factory=dict)  # key -> error
+    reasons: dict[str, list[str]] = field(default_factory=dict)  # key -> why it yields nothing / its rows dropped
+    kept: set[str] = field(default_factory=set)
+    formats: Counter = field(default_factory=Counter)
+    rows_kept: Counter = field(default_factory=Counter)
+    rows_dropped: Counter = field(default_factory=Counter)
+    error: str | None = None  # a FileError: the file could not be read (entirely, or past some line)
+    decoded: int = 0  # records that were JSON
+
+    def unreadable(self) -> bool:
+        return self.error is not None or self.decoded == 0
 
 
-def _read_and_parse(path: str, cfg: FeedbackConfig, rep: dict, errors: list[str]) -> dict[str, list[dict]]:
-    """Phase 1 for one input: candidate records per output; malformed ones are counted (skip) or raised (stop)."""
-    def fail(where: str, msg: str) -> None:
+# ------------------------------------------------------------------------------------------------ 1-2. parsing
+def _sft_row(single: dict) -> dict:
+    """A positively rated reply as an SFT conversation: earlier assistant turns weight 0, the rated reply 1."""
+    weight = lambda msgs, w: [dict(m, weight=w) if m["role"] == "assistant" else m for m in msgs]  # noqa: E731
+    row = {"messages": weight(single["prompt"], 0) + weight(single["completion"], 1)}
+    return {**row, "tools": single["tools"]} if single.get("tools") else row
+
+
+def _candidates(p: Parsed) -> list[tuple[str, dict, tuple[str, ...]]]:
+    """(output, row, keys of the records it uses) for every row of one parsed record."""
+    out = [("pairs", r, (p.key, *uses)) for r, uses in zip(p.pairs, p.pair_uses)]
+    for r, uses in zip(p.singles, p.single_uses):
+        out.append(("unpaired", r, (p.key, *uses)))
+        if r["label"]:
+            out.append(("sft", _sft_row(r), (p.key, *uses)))
+    return out
+
+
+def _read_and_parse(inp: _Input, cfg: FeedbackConfig, errors: list[str]) -> list[tuple[str, dict, tuple]]:
+    """Phases 1-2 for one input: its candidate rows; malformed records are counted (skip) or raised (stop)."""
+    def fail(key: str, where: str, msg: str) -> None:
         if cfg.on_error == "stop":
             raise FeedbackError(f"{where}: {msg}")
-        rep["dropped"]["malformed record"] += 1
+        inp.malformed[key] = msg
         errors.append(f"{where}: {msg}")
 
-    size = os.path.getsize(path) if os.path.isfile(path) else 0
+    size = os.path.getsize(inp.path) if os.path.isfile(inp.path) else 0
     rows = []
-    for where, obj, err in tqdm(read_rows(path, cfg.max_line_bytes), desc=os.path.basename(path), unit=" rec",
-                                disable=size < 2**20, file=sys.stderr):
-        rep["records_read"] += 1
+    for where, obj, err in tqdm(read_rows(inp.path, cfg.max_line_bytes), desc=os.path.basename(inp.path),
+                                unit=" rec", disable=size < 2**20, file=sys.stderr):
+        if isinstance(err, FileError):
+            if cfg.on_error == "stop":
+                raise FeedbackError(f"{where}: {err}")
+            inp.error = f"{where}: {err}"
+            errors.append(inp.error)
+            continue
+        inp.order.append(where)
         if err:
-            fail(where, err)
+            fail(where, where, err)
         else:
+            inp.decoded += 1
             rows.append((where, obj))
-    out = {name: [] for name in OUTPUTS}
+    cands = []
     for fmt, p in parse_rows(rows, cfg.format):
         if p.error:
-            fail(p.where, p.error)
+            fail(p.key, p.where, p.error)
             continue
-        rep["formats"][fmt] += 1
-        rep["dropped"].update(p.dropped)
-        out["pairs"] += p.pairs
-        out["unpaired"] += p.singles
-        out["sft"] += [{"messages": s["prompt"] + s["completion"]} for s in p.singles if s["label"]]
-    return out
+        inp.formats[fmt] += 1
+        inp.reasons[p.key] = list(p.dropped)
+        cands += _candidates(p)
+    return cands
 
 
 def _decontaminator(cfg: FeedbackConfig) -> Decontaminator | None:
@@ -111,39 +164,85 @@ def _decontaminator(cfg: FeedbackConfig) -> Decontaminator | None:
     return Decontaminator(texts, cfg.ngram)
 
 
+# ---------------------------------------------------------------------------------------------- 3-4. cleaning
+def _clean(cands: list[tuple[_Input, str, dict, tuple]], name: str, clean_cfg: CleanConfig) -> list[dict]:
+    """Clean one output's rows, then the trainers' validation; book kept and dropped rows on their records."""
+    kept, dropped = clean_records(name, [r for _, _, r, _ in cands], clean_cfg)
+    out = []
+    for i, rec in kept:
+        try:
+            rec, reason = prepare_record(rec, _KIND[name], f"{name} row")
+        except ValueError as e:  # a parser let through what the trainers refuse: a bug, but never a lost run
+            rec, reason = None, f"not trainable: {e}"
+        if reason:
+            dropped.append((i, reason))
+            continue
+        inp, _, _, uses = cands[i]
+        inp.kept.update(uses)
+        inp.rows_kept[name] += 1
+        out.append(rec)
+    for i, reason in dropped:
+        inp, key, _, _ = cands[i]
+        inp.rows_dropped[f"{name}: {reason}"] += 1
+        inp.reasons.setdefault(key, []).append(f"{name}: {reason}")
+    return out
+
+
+# -------------------------------------------------------------------------------------------- 5. accounting
+def _file_report(inp: _Input) -> dict:
+    """records read = kept + dropped + malformed, with the reason of each dropped record."""
+    dropped = Counter()
+    for key in inp.order:
+        if key in inp.malformed or key in inp.kept:
+            continue
+        reasons = inp.reasons.get(key, [])
+        rank = {"pairs": 0, "unpaired": 1, "sft": 2}  # a parser's reason first, then the most telling output
+        reasons = sorted(reasons, key=lambda r: rank.get(r.split(":")[0], -1))
+        dropped[reasons[0] if reasons else NO_USE] += 1
+    counts = {"read": len(inp.order), "kept": sum(k in inp.kept and k not in inp.malformed for k in inp.order),
+              "dropped": sum(dropped.values()), "malformed": len(inp.malformed)}
+    assert counts["read"] == counts["kept"] + counts["dropped"] + counts["malformed"], counts
+    return {"records": counts, "dropped": dict(sorted(dropped.items())), "kept": {n: inp.rows_kept[n] for n in OUTPUTS},
+            "rows_dropped": dict(sorted(inp.rows_dropped.items())), "formats": dict(inp.formats), "error": inp.error}
+
+
+def _total(files: dict[str, dict]) -> dict:
+    total = {"records": Counter(), "dropped": Counter(), "kept": Counter(), "rows_dropped": Counter()}
+    for rep in files.values():
+        for k in total:
+            total[k].update(rep[k])
+    return {"records": {k: total["records"][k] for k in ("read", "kept", "dropped", "malformed")},
+            "dropped": dict(sorted(total["dropped"].items())), "kept": {n: total["kept"][n] for n in OUTPUTS},
+            "rows_dropped": dict(sorted(total["rows_dropped"].items()))}
+
+
 def import_feedback(cfg: FeedbackConfig) -> tuple[dict[str, list[dict]], dict]:
-    """Phases 1-3: returns ({"sft"|"pairs"|"unpaired": records}, report); writes nothing."""
+    """Phases 1-5: returns ({"sft"|"pairs"|"unpaired": rows}, report); writes nothing."""
     if cfg.format != "auto" and cfg.format not in PARSERS:
         raise FeedbackError(f"unknown --format {cfg.format!r}; choose auto or one of {', '.join(PARSERS)}")
     if cfg.on_error not in ("skip", "stop"):
         raise FeedbackError(f"--on-error must be skip or stop, got {cfg.on_error!r}")
     decon = _decontaminator(cfg)
-    files, errors = {}, []
-    cands = {name: [] for name in OUTPUTS}  # (input path, record)
-    for path in cfg.inputs:  # 1. read and parse; 2. candidates per output
-        files[path] = _file_report()
-        for name, recs in _read_and_parse(path, cfg, files[path], errors).items():
-            cands[name] += [(path, r) for r in recs]
-    outputs, dropped_total = {}, Counter()
+    inputs, errors = [_Input(path) for path in cfg.inputs], []
+    cands = {name: [] for name in OUTPUTS}  # (input, record key, row, keys of the records the row uses)
+    for inp in inputs:  # 1-2. read, parse, rows per output
+        for name, row, uses in _read_and_parse(inp, cfg, errors):
+            cands[name].append((inp, uses[0], row, uses))
     clean_cfg = CleanConfig(dedupe=cfg.dedupe, near_dup_threshold=cfg.near_dup_threshold, decontaminator=decon,
                             scrub_pii=cfg.scrub_pii)
-    for name in OUTPUTS:  # 3. clean
-        kept, dropped = clean_records(name, [r for _, r in cands[name]], clean_cfg)
-        outputs[name] = [r for _, r in kept]
-        for i, _ in kept:
-            files[cands[name][i][0]]["kept"][name] += 1
-        for i, reason in dropped:
-            files[cands[name][i][0]]["dropped"][f"{name}: {reason}"] += 1
-    for rep in files.values():
-        dropped_total.update(rep["dropped"])
+    outputs = {name: _clean(cands[name], name, clean_cfg) for name in ("pairs", "unpaired", "sft")}  # 3-4.
+    outputs = {name: outputs[name] for name in OUTPUTS}
+    files = {}
+    for inp in inputs:  # 5. the same path given twice is one entry: its counts add up
+        rep = _file_report(inp)
+        files[inp.path] = rep if inp.path not in files else _total({0: files[inp.path], 1: rep}) | {
+            "formats": dict(Counter(files[inp.path]["formats"]) + Counter(rep["formats"])), "error": rep["error"]}
     report = {
-        "records_read": sum(r["records_read"] for r in files.values()),
-        "kept": {name: len(outputs[name]) for name in OUTPUTS},
-        "dropped": dict(sorted(dropped_total.items())),
+        **_total(files),
+        "unreadable_inputs": [inp.path for inp in inputs if inp.unreadable()],
         "errors": len(errors),
         "error_examples": errors[:_MAX_ERROR_EXAMPLES],
-        "inputs": {p: {**r, "formats": dict(r["formats"]), "dropped": dict(sorted(r["dropped"].items()))}
-                   for p, r in files.items()},
+        "inputs": files,
         "decontamination": None if decon is None else {
             "eval_files": cfg.decontaminate, "ngram": cfg.ngram, "eval_ngrams": len(decon.grams),
             "eval_texts_too_short": decon.too_short},
@@ -152,30 +251,60 @@ def import_feedback(cfg: FeedbackConfig) -> tuple[dict[str, list[dict]], dict]:
     return outputs, report
 
 
+# ---------------------------------------------------------------------------------------------------- 6. output
+def check_out_dir(out_dir: str) -> None:
+    """--out must be a folder this command may replace: new, empty, or holding only its own files."""
+    path = Path(out_dir)
+    if path.exists() and not path.is_dir():
+        raise FeedbackError(f"--out {out_dir} is a file, not a folder")
+    if any(p.exists() and not p.is_dir() for p in path.parents):
+        raise FeedbackError(f"--out {out_dir}: {next(p for p in path.parents if p.exists() and not p.is_dir())} "
+                            f"is a file, not a folder")
+    if path.is_dir():
+        try:
+            others = sorted(set(os.listdir(path)) - set(FILES))
+        except OSError as e:
+            raise FeedbackError(f"--out {out_dir}: cannot list the folder: {e.strerror or e}") from None
+        if others:
+            raise FeedbackError(f"--out {out_dir} holds files this command did not write ({', '.join(others[:5])}"
+                                f"{', ...' if len(others) > 5 else ''}); it replaces the whole folder, so give it a "
+                                f"new or empty folder")
+
+
 def write_outputs(out_dir: str, outputs: dict[str, list[dict]], report: dict) -> None:
-    """Phase 4: every file atomically (a temp file in `out_dir`, then os.replace)."""
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise FeedbackError(f"--out {out_dir} exists and is not a folder")
-    for name in OUTPUTS:
-        write_jsonl(os.path.join(out_dir, f"{name}.jsonl"), outputs[name])
-    write_json(os.path.join(out_dir, "report.json"), report)
+    """Phase 6: all four files into a temporary sibling folder, which then replaces `out_dir` (common.atomic)."""
+    from common.atomic import atomic_dir
+
+    check_out_dir(out_dir)
+    try:
+        with atomic_dir(Path(out_dir).resolve()) as tmp:
+            for name in OUTPUTS:
+                write_jsonl(os.path.join(tmp, f"{name}.jsonl"), outputs[name])
+            write_json(os.path.join(tmp, "report.json"), report)
+    except OSError as e:
+        where = f": {e.filename}" if e.filename else ""
+        raise FeedbackError(f"cannot write --out {out_dir}{where}: {e.strerror or e}") from None
 
 
-def summary(report: dict, out_dir: str) -> str:
+def summary(report: dict, out_dir: str | None) -> str:
     """A few lines for the terminal; report.json has everything."""
-    kept = ", ".join(f"{n} {report['kept'][n]}" for n in OUTPUTS)
-    lines = [f"read {report['records_read']} records from {len(report['inputs'])} file(s)", f"kept: {kept}"]
+    rec, kept = report["records"], ", ".join(f"{n} {report['kept'][n]}" for n in OUTPUTS)
+    lines = [f"read {rec['read']} records from {len(report['inputs'])} file(s): kept {rec['kept']}, dropped "
+             f"{rec['dropped']}, malformed {rec['malformed']}", f"rows written: {kept}"]
     if report["dropped"]:
         lines.append("dropped: " + ", ".join(f"{k} {v}" for k, v in report["dropped"].items()))
     lines += [f"  {e}" for e in report["error_examples"][:5]]
     if report["errors"] > 5:
-        lines.append(f"  ... {report['errors'] - 5} more malformed records in report.json")
-    lines.append(f"wrote {os.path.join(out_dir, '{sft,pairs,unpaired}.jsonl')} and report.json")
+        lines.append(f"  ... {report['errors'] - 5} more errors in report.json")
+    if out_dir is not None:
+        lines.append(f"wrote {os.path.join(out_dir, '{sft,pairs,unpaired}.jsonl')} and report.json")
     return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None = None) -> FeedbackConfig:
-    ap = argparse.ArgumentParser(prog="python -m data.feedback", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m data.feedback", description=__doc__.split("\n\n")[0],
+                                 epilog="Exit status: 0 written; 2 written, but an input could not be read; 1 nothing "
+                                        "written.")
     ap.add_argument("inputs", nargs="+", metavar="INPUT")
     ap.add_argument("--out", required=True, metavar="DIR")
     ap.add_argument("--format", default="auto", choices=["auto", *PARSERS])
@@ -195,12 +324,21 @@ def parse_args(argv: list[str] | None = None) -> FeedbackConfig:
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     try:
+        check_out_dir(cfg.out)  # before the work, so a typo in --out costs nothing
         outputs, report = import_feedback(cfg)
+        if not any(outputs.values()):
+            print(summary(report, None), file=sys.stderr)
+            raise FeedbackError(f"nothing kept from {len(cfg.inputs)} input(s); {cfg.out} was left as it was")
         write_outputs(cfg.out, outputs, report)
     except FeedbackError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(summary(report, cfg.out))
+    if report["unreadable_inputs"]:
+        print("error: could not read " + "; ".join(report["inputs"][p]["error"] or f"{p}: no record is JSON"
+                                                   for p in report["unreadable_inputs"])
+              + " (the other inputs were written)", file=sys.stderr)
+        return 2
     return 0
 
 

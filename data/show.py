@@ -26,14 +26,15 @@ from data.datasets import (
 
 def sequences(rec: dict, kind: str, tok, mask: str) -> list[tuple[str, list[int], list[int]]]:
     """(title, input_ids (T,), loss_mask (T,)) for each sequence a record of `kind` trains on."""
+    tools = rec.get("tools")
     if kind == "sft":
-        tc = tokenize_chat(tok, sft_messages(rec), mask=mask)
+        tc = tokenize_chat(tok, sft_messages(rec), mask=mask, tools=tools)
         return [(f"sft, mask={mask}", tc.input_ids, tc.loss_mask)]
     if kind == "text":
         ids = tok(text_of(rec), add_special_tokens=False)["input_ids"] + [special_id(tok, ENDOFTEXT)]
         return [("text", ids, [1] * len(ids))]
     if kind == "prompt":
-        ids = tokenize_chat(tok, prompt_messages(rec), mask="none", add_generation_prompt=True).input_ids
+        ids = tokenize_chat(tok, prompt_messages(rec), mask="none", add_generation_prompt=True, tools=tools).input_ids
         return [("prompt", ids, [0] * len(ids))]
     if kind == "preference":
         prompt, *replies = preference_parts(rec)
@@ -41,10 +42,10 @@ def sequences(rec: dict, kind: str, tok, mask: str) -> list[tuple[str, list[int]
     else:
         prompt, reply, label = unpaired_parts(rec)
         replies, titles = [reply], [f"completion, label={label}"]
-    prompt_ids = tokenize_chat(tok, prompt, mask="none", add_generation_prompt=True).input_ids
+    prompt_ids = tokenize_chat(tok, prompt, mask="none", add_generation_prompt=True, tools=tools).input_ids
     out = []
     for title, reply in zip(titles, replies):
-        reply_ids = tokenize_response(tok, reply["content"])
+        reply_ids = tokenize_response(tok, reply)
         out.append((title, prompt_ids + reply_ids, [0] * len(prompt_ids) + [1] * len(reply_ids)))
     return out
 

@@ -20,6 +20,7 @@ from data.datasets import (
     load_records,
     mix_sources,
     pack_examples,
+    prepare_record,
 )
 
 X = -100
@@ -287,3 +288,43 @@ def test_show_cli_preference_and_errors(tmp_path, capsys):
     assert "bad.jsonl:2: rejected[0]: a message must be a dict" in capsys.readouterr().err
     assert main([str(path), "--tokenizer", "small", "--index", "3"]) == 2
     assert "has 1 records; --index 3 is out of range" in capsys.readouterr().err
+
+
+def test_load_records_escapes_joins_and_skips_with_a_reason(tmp_path, capsys):
+    """The one validation shared with data.feedback (data/validate.py): special-token text escaped (a zero-width
+    space after "<|"), several plain assistant messages joined, identical and tool-spanning replies skipped."""
+    recs = [
+        {"prompt": "What is <|im_start|>?", "chosen": "A marker.", "rejected": "No idea."},
+        {"prompt": [U_HI], "rejected": [A_HI],
+         "chosen": [{"role": "assistant", "content": "One."}, {"role": "assistant", "content": "Two."}]},
+        {"prompt": [U_HI], "chosen": [A_HI], "rejected": [A_HI]},
+        {"prompt": [U_HI], "chosen": [{"role": "assistant", "content": "", "tool_calls": [
+            {"function": {"name": "f", "arguments": {}}}]}, {"role": "tool", "content": "1"}, A_HI],
+         "rejected": [A_HELLO]},
+    ]
+    out, kind = load_records(write_jsonl(tmp_path / "p.jsonl", recs))
+    assert kind == "preference" and len(out) == 2
+    assert out[0]["prompt"] == "What is <|\u200bim_start|>?"
+    assert out[1]["chosen"] == [{"role": "assistant", "content": "One.\n\nTwo."}]
+    assert capsys.readouterr().err == (f"{tmp_path / 'p.jsonl'}: skipped 2 of 4 records (chosen equals rejected: 1, "
+                                       "reply spans several turns (tool results or tool calls between messages): 1)\n")
+    with pytest.raises(ValueError, match="none of its 1 records can be used"):
+        load_records(write_jsonl(tmp_path / "same.jsonl", [recs[2]]))
+
+
+def test_tools_and_tool_call_replies_in_builders(small_tok):
+    """A record's "tools" go into the system turn of every builder; a tool-call reply is its rendered body."""
+    from data.chatml import assistant_body, render
+
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    call = {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f", "arguments": {"x": 1}}}]}
+    rec = {"prompt": [U_HI], "chosen": [call], "rejected": [A_HI], "tools": tools}
+    (ex,), _ = build_preference_examples([rec], small_tok, 512)
+    assert small_tok.decode(ex["prompt_ids"]) == render([U_HI], add_generation_prompt=True, tools=tools)
+    assert small_tok.decode(ex["chosen_ids"]) == assistant_body(call) + "<|im_end|>"
+    (p,), _ = build_prompt_examples([rec], small_tok, 512)
+    assert p["prompt_ids"] == ex["prompt_ids"] and p["tools"] == tools
+    (sft,), _ = build_sft_examples([{"messages": [U_HI, call], "tools": tools}], small_tok, 512)
+    assert small_tok.decode([t for t in sft["labels"] if t != -100]) == assistant_body(call) + "<|im_end|>"
+    with pytest.raises(ValueError, match="f:1: tools: must be a list"):
+        prepare_record({"messages": [U_HI, A_HI], "tools": "f"}, "sft", "f:1")

@@ -83,7 +83,9 @@ def test_shp_sample_higher_score_wins_and_equal_dropped():
     assert only(parse_rows([("f:1", swapped)])).pairs[0]["chosen"] == [a("Try a warmer room.")]
     assert only(parse_rows([("f:1", dict(obj, score_B=340))])).dropped == ["equal scores"]
     bad = parse_rows([("f:1", dict(obj, score_A="340"))])[0][1]
-    assert bad.error == "score_A and score_B must be numbers, got '340' and 166"
+    assert bad.error == "score_A and score_B must be finite numbers, got '340' and 166"
+    nan = parse_rows([("f:1", dict(obj, score_B=float("nan")))])[0][1]  # NaN used to make B the winner
+    assert nan.error == "score_A and score_B must be finite numbers, got 340 and nan" and nan.pairs == []
 
 
 def test_arena_sample_ties_and_bad_winner():
@@ -106,6 +108,8 @@ def test_summarize_sample_prompt_format():
     assert p.pairs[0]["chosen"] == [a("I forget birthdays, need a system.")]  # choice 0, leading space removed
     obj = sample_rows("summarize_from_feedback_comparisons.jsonl")[0][1]
     assert parse_rows([("f", dict(obj, choice=2))])[0][1].error == "choice must be 0 or 1, got 2"
+    no_title = dict(obj, info={k: v for k, v in obj["info"].items() if k != "title"})  # used to become "TITLE: None"
+    assert parse_rows([("f", no_title)])[0][1].error == "field 'info.title' must be a string, got null"
 
 
 def test_argilla_and_labelstudio_sample_mixed_in_one_file():
@@ -228,7 +232,8 @@ def test_openwebui_thumbs_down_and_opposite_sibling_ratings_give_one_pair():
     down = copy.deepcopy(fb)
     down.update(id="fb-2", data=dict(fb["data"], rating=-1), meta=dict(fb["meta"], message_id="m-asst-2"))
     out = [p for _, p in parse_rows([("x[0]", fb), ("x[1]", down)])]
-    assert [len(p.pairs) for p in out] == [1, 0]  # the positive side emits the pair once
+    assert [len(p.pairs) for p in out] == [0, 1]  # once, from the newest snapshot (equal times: the later record)
+    assert out[1].pair_uses == [("x[0]",)]  # built from the other feedback's rating too
     assert out[1].singles[0]["label"] is False and out[1].singles[0]["completion"] == [a("The capital of France is Lyon.")]
     no_arena = copy.deepcopy(fb)
     no_arena["meta"]["arena"] = False
@@ -283,3 +288,99 @@ def test_librechat_regenerated_siblings_rated_oppositely_give_a_pair():
     out = [p for _, p in parse_rows(rows)]
     assert [len(p.pairs) for p in out] == [0, 1, 0] and [len(p.singles) for p in out] == [0, 1, 1]
     assert out[1].pairs[0] == {"prompt": [u("2+2?")], "chosen": [a("4")], "rejected": [a("5")]}
+
+
+def _regenerated(arena=False, annotate_first=True):
+    """Rate reply 1 (+1), regenerate reply 2, rate it (-1): two feedbacks; the first snapshot lacks reply 2."""
+    first = copy.deepcopy(_openwebui()[0])
+    first["meta"]["arena"] = arena
+    hist = _history(first)
+    del hist["m-asst-2"]
+    hist["m-user-1"]["childrenIds"] = ["m-asst-1"]
+    first["snapshot"]["chat"].update(updated_at=100)
+    first.update(id="fb-1", created_at=110, updated_at=110)
+    second = copy.deepcopy(_openwebui()[0])
+    second["meta"].update(arena=arena, message_id="m-asst-2")
+    second.update(id="fb-2", data=dict(second["data"], rating=-1), created_at=210, updated_at=210)
+    second["snapshot"]["chat"].update(updated_at=200)
+    _history(second)["m-asst-2"]["annotation"] = {"rating": -1}
+    if not annotate_first:
+        del _history(second)["m-asst-1"]["annotation"]
+    return first, second
+
+
+@pytest.mark.parametrize("annotate_first", [True, False])
+@pytest.mark.parametrize("order", ["rate-regenerate-rate", "reversed"])
+def test_openwebui_rate_regenerate_rate_gives_one_pair_from_the_newest_snapshot(order, annotate_first):
+    """The pair comes from feedback 2's snapshot (the only one holding both replies) in both file orders; reply 1's
+    rating is taken from feedback 1 when feedback 2's snapshot does not carry its annotation."""
+    first, second = _regenerated(annotate_first=annotate_first)
+    rows = [("x[0]", first), ("x[1]", second)] if order != "reversed" else [("x[0]", second), ("x[1]", first)]
+    out = {p.key: p for _, p in parse_rows(rows)}
+    carrier = out["x[1]" if order != "reversed" else "x[0]"]
+    other = out["x[0]" if order != "reversed" else "x[1]"]
+    want = {"prompt": [u("What is the capital of France?")], "chosen": [a("Paris.")],
+            "rejected": [a("The capital of France is Lyon.")]}
+    assert carrier.pairs == [want] and other.pairs == []
+    assert carrier.pair_uses == [(other.key,)]
+    assert [s["label"] for s in other.singles + carrier.singles] == [True, False]
+
+
+def test_openwebui_second_feedback_alone_and_same_ratings():
+    first, second = _regenerated()
+    assert only(parse_rows([("x", second)])).pairs[0]["chosen"] == [a("Paris.")]  # from the annotation
+    first, second = _regenerated(annotate_first=False)
+    assert only(parse_rows([("x", second)])).pairs == []  # nothing says how reply 1 was rated
+    second["data"]["rating"] = 1  # both liked: no preference
+    assert all(p.pairs == [] for _, p in parse_rows([("a", first), ("b", second)]))
+
+
+def test_openwebui_rerated_message_uses_the_newest_feedback():
+    """Reply 1 first rated +1, later -1 (a newer feedback on the same message); reply 2 rated +1 -> Lyon wins."""
+    first, second = _regenerated(annotate_first=False)
+    again = copy.deepcopy(second)
+    again["meta"]["message_id"] = "m-asst-1"
+    again.update(id="fb-3", data=dict(again["data"], rating=-1), created_at=310, updated_at=310)
+    again["snapshot"]["chat"]["updated_at"] = 300
+    second["data"]["rating"] = 1
+    pairs = [q for _, p in parse_rows([("a", first), ("b", second), ("c", again)]) for q in p.pairs]
+    assert pairs == [{"prompt": [u("What is the capital of France?")], "chosen": [a("The capital of France is Lyon.")],
+                      "rejected": [a("Paris.")]}]
+
+
+def test_librechat_tool_call_parts_become_tool_messages():
+    """A rated agent reply whose content parts are text, a tool call with its output, and text: the reply keeps the
+    call (arguments parsed from LibreChat's JSON string) and the tool result as messages."""
+    rows = [("f:1", {"messageId": "u1", "parentMessageId": None, "isCreatedByUser": True, "text": "Capital?"}),
+            ("f:2", {"messageId": "a1", "parentMessageId": "u1", "text": "", "feedback": {"rating": "thumbsUp"},
+                     "content": [{"type": "text", "text": "Let me look. "},
+                                 {"type": "tool_call", "tool_call": {"name": "search", "args": '{"q": "capital"}',
+                                                                     "output": "Paris"}},
+                                 {"type": "think", "think": "not shown"}, {"type": "text", "text": "It is Paris."}]})]
+    out = [p for _, p in parse_rows(rows)]
+    assert out[1].singles == [{"prompt": [u("Capital?")], "label": True, "completion": [
+        {"role": "assistant", "content": "Let me look. ",
+         "tool_calls": [{"type": "function", "function": {"name": "search", "arguments": {"q": "capital"}}}]},
+        {"role": "tool", "content": "Paris"}, a("It is Paris.")]}]
+    assert out[1].single_uses == [("f:1",)]
+    dup = parse_rows(rows + [("f:3", rows[0][1])])
+    assert [p.error for _, p in dup][2] == "duplicate messageId 'u1'"
+
+
+def test_tool_calls_kept_in_message_formats():
+    """OpenAI / TRL tool-calling messages: content may be missing, arguments a JSON string (parsed), tools kept."""
+    tools = [{"type": "function", "function": {"name": "get_time"}}]
+    rec = {"messages": [u("Time?"), {"role": "assistant", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "12:00"}, a("Noon.")], "rating": 1, "tools": tools}
+    p = only(parse_rows([("f:1", rec)]))
+    call = {"type": "function", "function": {"name": "get_time", "arguments": {}}}
+    assert p.singles == [{"prompt": [u("Time?"), {"role": "assistant", "content": "", "tool_calls": [call]},
+                                     {"role": "tool", "content": "12:00"}],
+                          "completion": [a("Noon.")], "label": True, "tools": tools}]
+    bad = dict(rec, messages=[u("x"), {"role": "user", "content": "y", "tool_calls": [{}]}, a("z")])
+    assert parse_rows([("f:2", bad)])[0][1].error == "messages[1] has tool_calls but role 'user' (only assistant " \
+                                                    "messages call tools)"
+    deep = {"function": {"name": "f", "arguments": json.loads('{"a": ' * 70 + "1" + "}" * 70)}}
+    bad = dict(rec, messages=[u("x"), {"role": "assistant", "tool_calls": [deep]}])
+    assert "nested deeper than 64 levels" in parse_rows([("f:3", bad)])[0][1].error
