@@ -119,7 +119,8 @@ def check_keys(expected: set[str], got: set[str], source: str, optional: set[str
 
 
 def load_causal_lm(path, dtype: torch.dtype = torch.float32, **overrides) -> QwenForCausalLM:
-    """Load a Qwen2ForCausalLM or Qwen3ForCausalLM folder into the custom model. `overrides` set QwenConfig fields (e.g. use_logn_attn)."""
+    """Load a Qwen2ForCausalLM or Qwen3ForCausalLM folder into the custom model. `overrides` set QwenConfig fields
+    (e.g. use_logn_attn)."""
     cfg = read_config(path)
     for k, v in overrides.items():
         setattr(cfg, k, v)
@@ -162,8 +163,8 @@ def write_weights(sd: dict[str, torch.Tensor], folder: Path, max_shard_bytes: in
 
 
 def save_causal_lm(model: QwenForCausalLM, path, tokenizer=None, max_shard_bytes: int = 2 * 1024**3):
-    """Save as a Hugging Face Qwen2ForCausalLM / Qwen3ForCausalLM folder. With tied embeddings `lm_head.weight` is left out, as
-    transformers does (the rollout weight sync sends it explicitly; see rollout/)."""
+    """Save as a Hugging Face Qwen2ForCausalLM / Qwen3ForCausalLM folder. With tied embeddings `lm_head.weight` is left
+    out, as transformers does (the rollout weight sync sends it explicitly; see rollout/)."""
     with atomic_dir(path) as tmp:  # a half-written folder never replaces the old one
         sd = model.state_dict()
         if model.config.tie_word_embeddings:

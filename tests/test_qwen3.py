@@ -80,7 +80,8 @@ def test_config_of_a_real_qwen3_folder(tmp_path):
     assert config_from_hf({k: v for k, v in QWEN3_JSON.items() if k != "head_dim"}).head_dim == 128
     with pytest.raises(ValueError, match=r"attention_bias=True.*rope_type='yarn'"):
         config_from_hf({**QWEN3_JSON, "attention_bias": True,
-                        "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}})
+                        "rope_scaling": {"rope_type": "yarn", "factor": 4.0,
+                                         "original_max_position_embeddings": 32768}})
     with pytest.raises(ValueError, match=r"model_type='llama'.*model_impl: hf"):
         config_from_hf({**QWEN3_JSON, "model_type": "llama"})
 
@@ -277,13 +278,61 @@ def test_vllm_loads_qwen3_and_matches_after_a_sync(tmp_path, small_tok):
     try:
         engine = make_engine("vllm", model_dir=tmp_path / "policy", max_model_len=256, sync_timeout_s=60)
         params = SamplingParams(n=1, temperature=0.0, max_tokens=10)
-        assert engine.generate(prompts, params).response_ids == BuiltinEngine(start).generate(prompts, params).response_ids
+        before = BuiltinEngine(start).generate(prompts, params).response_ids
+        assert engine.generate(prompts, params).response_ids == before
         engine.sync_weights(policy)
         got, want = engine.generate(prompts, params), BuiltinEngine(policy).generate(prompts, params)
-        assert got.response_ids == want.response_ids and got.response_ids != \
-            BuiltinEngine(start).generate(prompts, params).response_ids
+        assert got.response_ids == want.response_ids and got.response_ids != before
         for a, b in zip(got.sampler_logprobs, want.sampler_logprobs):
             torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-4, rtol=0)
         assert engine.greedy_check(policy, prompts)["ties"] == 0
     finally:
         torch.set_num_threads(threads)
+
+
+def test_ppo_trains_a_qwen3_policy_with_a_llama_reward_model(tmp_path, small_tok):
+    """PPO on a Qwen3 policy (custom model: policy, reference and a value model started from the policy folder)
+    scored by a reward model of another architecture (a LlamaForSequenceClassification folder, loaded through
+    transformers): one value-warmup step then one policy step; the policy moves, q_norm / k_norm included, and the
+    final folder is a Qwen3ForCausalLM that transformers loads."""
+    import random
+
+    import align.ppo as ppo
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from common.config import build_config
+    from model.checkpoint import read_state_dict
+    from model.heads import load_scalar_head
+
+    cfg = QwenConfig(model_type="qwen3", vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True,
+                     extra={"eos_token_id": 998, "pad_token_id": 996})
+    save_causal_lm(QwenForCausalLM(cfg).init_weights(seed=0), tmp_path / "policy", small_tok)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, initializer_range=0.1,
+                                 pad_token_id=996, eos_token_id=998)).save_pretrained(tmp_path / "lm")
+    load_scalar_head(tmp_path / "lm", head_seed=1).save_pretrained(tmp_path / "reward", tokenizer=small_tok)
+    r = random.Random(0)
+    words = "apple banana cherry dog egg fish grape house".split()
+    with open(tmp_path / "prompts.jsonl", "w") as f:
+        for _ in range(8):
+            f.write(json.dumps({"prompt": [{"role": "user", "content": "Tell me about " + r.choice(words)}]}) + "\n")
+    with open(tmp_path / "text.jsonl", "w") as f:
+        for _ in range(8):
+            f.write(json.dumps({"text": " ".join(r.choice(words) for _ in range(20))}) + "\n")
+    c = build_config(ppo.PPOConfig, dict(
+        policy_path=str(tmp_path / "policy"), reward_path=str(tmp_path / "reward"),
+        value_path=str(tmp_path / "policy"), prompt_files=[str(tmp_path / "prompts.jsonl")],
+        pretrain_files=[str(tmp_path / "text.jsonl")], heldout_files=[str(tmp_path / "text.jsonl")], ptx_seq_len=32,
+        heldout_rows=4, rollout_batch_prompts=4, samples_per_prompt=2, max_new_tokens=6, micro_batch_size=4,
+        value_warmup_steps=1, max_steps=2, policy_lr=1e-3, value_lr=1e-3, ptx_coef=0.0, ptx_rows=2, tax_every=1,
+        true_reward=False, output_dir=str(tmp_path / "out")))
+    hist = ppo.train(c)
+    assert len(hist) == 2 and "policy_loss" in hist[1] and all(abs(h["rm_score"]) < 1e3 for h in hist)
+    before, after = read_state_dict(tmp_path / "policy"), read_state_dict(tmp_path / "out" / "final")
+    assert not torch.equal(before["model.layers.0.self_attn.q_norm.weight"],
+                           after["model.layers.0.self_attn.q_norm.weight"])
+    final = Qwen3ForCausalLM.from_pretrained(tmp_path / "out" / "final", dtype=torch.float32).eval()
+    ids = torch.randint(0, 1000, (1, 8))
+    assert_as_accurate(load_causal_lm(tmp_path / "out" / "final"), final, lambda m: hf_logits(m, ids))

@@ -288,7 +288,8 @@ def test_readme_snippet_equals_score_texts_and_the_training_layout(tmp_path, qwe
     # the same lines on our conversations, with the model and tokenizer the snippet loaded; then without <|reward|>
     tail = code[code.index("text = "):]
     scores = []
-    for conv, suffix in ((prompt + chosen, '"<|reward|>"'), (prompt + rejected, '"<|reward|>"'), (prompt + chosen, '""')):
+    with_token, without = '"<|reward|>"', '""'
+    for conv, suffix in ((prompt + chosen, with_token), (prompt + rejected, with_token), (prompt + chosen, without)):
         ns["conversation"] = conv
         exec(tail.replace('"<|reward|>"', suffix), ns)
         scores.append(ns["score"])
