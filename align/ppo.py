@@ -226,9 +226,10 @@ def load_data(c: PPOConfig, tok):
 
 def load_models(c: PPOConfig, resume_dir: Path | None, device):
     """policy (trainable), reference (frozen copy of SFT; None with LoRA: the policy with its adapter disabled),
-    reward (frozen), value (trainable, from the RM)."""
+    reward (frozen), value (trainable, from the RM). The policy is the custom model (Qwen2/Qwen3); the reward and
+    value models are the custom scalar head on a Qwen2/Qwen3 folder, transformers' (model_impl hf) on any other."""
     from model.checkpoint import load_causal_lm
-    from model.heads import ScalarHeadModel
+    from model.heads import load_scalar_head
 
     if c.lora_r:  # no LoRA dropout: the sampled and the trained log-probs come from the same function
         policy = with_lora(load_causal_lm(c.policy_path), c.lora_r, c.lora_alpha, c.lora_target_modules, 0.0,
@@ -237,9 +238,9 @@ def load_models(c: PPOConfig, resume_dir: Path | None, device):
     else:
         policy = load_causal_lm(str(resume_dir / "model") if resume_dir else c.policy_path).to(device).train()
         ref = load_causal_lm(c.policy_path).to(device).eval().requires_grad_(False)
-    reward = ScalarHeadModel.from_pretrained(c.reward_path).to(device).eval().requires_grad_(False)
+    reward = load_scalar_head(c.reward_path).to(device).eval().requires_grad_(False)
     value_dir = resume_dir / "value" if resume_dir else (c.value_path or c.reward_path)
-    value = ScalarHeadModel.from_pretrained(str(value_dir)).to(device).train()
+    value = load_scalar_head(str(value_dir)).to(device).train()
     return policy, ref, reward, value
 
 

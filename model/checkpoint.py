@@ -1,4 +1,5 @@
-"""Read and write Hugging Face `Qwen2ForCausalLM` checkpoint folders (config.json + safetensors, sharded or not).
+"""Read and write Hugging Face `Qwen2ForCausalLM` and `Qwen3ForCausalLM` checkpoint folders (config.json +
+safetensors, sharded or not).
 
 Weights are read with safetensors only: no pickle, no remote code. A config this model cannot reproduce, or a
 checkpoint with missing or unexpected weights, fails at load with the offending fields or keys named.
@@ -16,13 +17,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from common.atomic import atomic_dir
-from model.qwen import QwenConfig, QwenForCausalLM
+from model.qwen import MODEL_TYPES, QwenConfig, QwenForCausalLM
 
 # config.json keys that map onto QwenConfig fields one to one.
 _FIELDS = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
            "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
            "attention_dropout", "hidden_dropout", "rope_train_len", "ntk_factor", "use_dynamic_ntk", "use_logn_attn",
            "use_sliding_window", "sliding_window", "max_window_layers"]
+# Qwen3Config's defaults for keys a config.json may leave out, where they differ from QwenConfig's.
+_HF_DEFAULTS = {"qwen3": {"head_dim": 128, "max_window_layers": 28}}
 # Keys that transformers writes and that change nothing we compute.
 _IGNORED = {"architectures", "model_type", "transformers_version", "dtype", "torch_dtype", "initializer_range",
             "use_cache", "bos_token_id", "eos_token_id", "pad_token_id", "layer_types", "output_attentions",
@@ -31,16 +34,22 @@ _IGNORED = {"architectures", "model_type", "transformers_version", "dtype", "tor
 
 
 def config_from_hf(d: dict, source: str = "config.json") -> QwenConfig:
-    """Build a QwenConfig from a Hugging Face Qwen2 config dict; raise naming each field we cannot reproduce."""
+    """Build a QwenConfig from a Hugging Face Qwen2 or Qwen3 config dict; raise naming each field we cannot
+    reproduce."""
     problems = []
-    if d.get("model_type", "qwen2") != "qwen2":
-        problems.append(f"model_type={d['model_type']!r} (only 'qwen2' is supported)")
+    model_type = d.get("model_type", "qwen2")
+    if model_type not in MODEL_TYPES:
+        problems.append(f"model_type={model_type!r} (the custom model is {' or '.join(map(repr, MODEL_TYPES))}; "
+                        "other architectures train with model_impl: hf)")
+    if model_type == "qwen3" and d.get("attention_bias"):
+        problems.append("attention_bias=True (Qwen3 models have no attention bias; vLLM's Qwen3 has none on o_proj)")
     if d.get("hidden_act", "silu") != "silu":
         problems.append(f"hidden_act={d['hidden_act']!r} (SwiGLU needs 'silu')")
     rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
         problems.append(f"rope_parameters.rope_type={rope_type!r} (use ntk_factor / use_dynamic_ntk instead)")
+    d = {**_HF_DEFAULTS.get(model_type, {}), **d}
     layer_types = d.get("layer_types")
     if layer_types is not None:
         expected = ["sliding_attention" if d.get("use_sliding_window") and d.get("sliding_window")
@@ -54,19 +63,25 @@ def config_from_hf(d: dict, source: str = "config.json") -> QwenConfig:
     kw["rope_theta"] = float(rope.get("rope_theta", d.get("rope_theta", 10000.0)))
     extra = {k: v for k, v in d.items() if k not in _FIELDS and k not in _IGNORED}
     extra.update({k: d[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if d.get(k) is not None})
-    return QwenConfig(**kw, extra=extra)
+    return QwenConfig(model_type=model_type, **kw, extra=extra)
 
 
-def config_to_hf(cfg: QwenConfig, dtype: torch.dtype = torch.float32,
-                 architecture: str = "Qwen2ForCausalLM") -> dict:
+def hf_architecture(cfg: QwenConfig, task: str = "ForCausalLM") -> str:
+    """'Qwen2ForCausalLM', 'Qwen3ForSequenceClassification', ...: the transformers class of a saved folder."""
+    return {"qwen2": "Qwen2", "qwen3": "Qwen3"}[cfg.model_type] + task
+
+
+def config_to_hf(cfg: QwenConfig, dtype: torch.dtype = torch.float32, task: str = "ForCausalLM") -> dict:
     d = cfg.to_dict()
     d["rope_parameters"] = {"rope_type": "default", "rope_theta": d.pop("rope_theta")}
     if not cfg.use_sliding_window:
         d["sliding_window"] = None
     for k in ("rope_train_len", "ntk_factor", "use_dynamic_ntk", "use_logn_attn", "hidden_dropout"):
         if d[k] == QwenConfig.__dataclass_fields__[k].default:
-            d.pop(k)  # keep config.json plain Qwen2 unless an extension is on
-    return {"architectures": [architecture], "model_type": "qwen2", "hidden_act": "silu",
+            d.pop(k)  # keep config.json plain Qwen2/Qwen3 unless an extension is on
+    if cfg.model_type == "qwen3":
+        d["attention_bias"] = False
+    return {"architectures": [hf_architecture(cfg, task)], "hidden_act": "silu",
             "dtype": str(dtype).removeprefix("torch."), "initializer_range": 0.02, "use_cache": True, **d}
 
 
@@ -104,7 +119,8 @@ def check_keys(expected: set[str], got: set[str], source: str, optional: set[str
 
 
 def load_causal_lm(path, dtype: torch.dtype = torch.float32, **overrides) -> QwenForCausalLM:
-    """Load a Qwen2ForCausalLM folder into the custom model. `overrides` set QwenConfig fields (e.g. use_logn_attn)."""
+    """Load a Qwen2ForCausalLM or Qwen3ForCausalLM folder into the custom model. `overrides` set QwenConfig fields
+    (e.g. use_logn_attn)."""
     cfg = read_config(path)
     for k, v in overrides.items():
         setattr(cfg, k, v)
@@ -147,8 +163,8 @@ def write_weights(sd: dict[str, torch.Tensor], folder: Path, max_shard_bytes: in
 
 
 def save_causal_lm(model: QwenForCausalLM, path, tokenizer=None, max_shard_bytes: int = 2 * 1024**3):
-    """Save as a Hugging Face Qwen2ForCausalLM folder. With tied embeddings `lm_head.weight` is left out, as
-    transformers does (the rollout weight sync sends it explicitly; see rollout/)."""
+    """Save as a Hugging Face Qwen2ForCausalLM / Qwen3ForCausalLM folder. With tied embeddings `lm_head.weight` is left
+    out, as transformers does (the rollout weight sync sends it explicitly; see rollout/)."""
     with atomic_dir(path) as tmp:  # a half-written folder never replaces the old one
         sd = model.state_dict()
         if model.config.tie_word_embeddings:

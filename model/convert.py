@@ -1,11 +1,11 @@
-"""Convert checkpoints both ways between plain Hugging Face Qwen2 folders and the custom model's folders.
+"""Convert checkpoints both ways between plain Hugging Face Qwen2 / Qwen3 folders and the custom model's folders.
 
     python -m model.convert SRC DST --to custom --set use_logn_attn=true --set use_dynamic_ntk=true --set rope_train_len=8192
     python -m model.convert SRC DST --to hf [--dtype bfloat16] [--check]
 
-`--to custom` loads any Qwen2ForCausalLM folder (validated: keys and config) and writes it with the given
-sec. 2.5 context-extension settings. `--to hf` writes a plain Qwen2 folder that transformers and vLLM reproduce
-exactly; it refuses a config with extensions on, since those models would compute something else.
+`--to custom` loads any Qwen2ForCausalLM or Qwen3ForCausalLM folder (validated: keys and config) and writes it with
+the given sec. 2.5 context-extension settings. `--to hf` writes a plain Qwen2 (Qwen3) folder that transformers and
+vLLM reproduce exactly; it refuses a config with extensions on, since those models would compute something else.
 `--check` reloads DST with transformers and compares logits with the custom model on a random batch.
 """
 

@@ -3,6 +3,8 @@
 Architecture (sec. 2.3): pre-norm RMSNorm, SwiGLU MLP, rotary position embeddings with inverse frequencies kept in
 fp32, bias on the QKV projections only, grouped-query attention (CELLM's GQA configuration), untied input and output
 embeddings by default. Parameter names equal Hugging Face's `Qwen2ForCausalLM`, so checkpoints map one to one.
+Qwen3 dense (`model_type="qwen3"`, Hugging Face's `Qwen3ForCausalLM`) is the same network with two changes: no
+bias on q/k/v, and an RMSNorm over each head's query and key (`q_norm`, `k_norm`, weight (hd,)) before rotary.
 
 Inference-time context extension (sec. 2.5), all off by default:
 - NTK-aware interpolation: a larger rotary base, base * factor^(d / (d - 2)).
@@ -24,8 +26,13 @@ import torch.nn.functional as F
 from torch import nn
 
 
+MODEL_TYPES = ("qwen2", "qwen3")
+
+
 @dataclass
 class QwenConfig:
+    model_type: str = "qwen2"
+    """'qwen2' (bias on q/k/v) or 'qwen3' (no q/k/v bias; per-head RMSNorm on queries and keys before rotary)."""
     vocab_size: int = 151936
     """Rows of the embedding and output matrices (Qwen2 pads the 151,646 tokens to 151,936)."""
     hidden_size: int = 896
@@ -71,6 +78,8 @@ class QwenConfig:
     """Other config.json keys, carried through save/load unchanged (e.g. bos/eos ids)."""
 
     def __post_init__(self):
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f"model_type={self.model_type!r}: expected one of {MODEL_TYPES}")
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.num_attention_heads % self.num_key_value_heads:
@@ -85,6 +94,11 @@ class QwenConfig:
     def extends_context(self) -> bool:
         """True when a sec. 2.5 feature is on that Hugging Face Qwen2 and vLLM do not implement."""
         return self.ntk_factor != 1.0 or self.use_dynamic_ntk or self.use_logn_attn
+
+    @property
+    def qk_norm(self) -> bool:
+        """Qwen3: RMSNorm over each head's query and key before rotary."""
+        return self.model_type == "qwen3"
 
     def window_for_layer(self, i: int) -> int | None:
         return self.sliding_window if self.use_sliding_window and i >= self.max_window_layers else None
@@ -162,16 +176,20 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg, self.layer_idx = cfg, layer_idx
         nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, nh * hd, bias=True)
-        self.k_proj = nn.Linear(cfg.hidden_size, nkv * hd, bias=True)
-        self.v_proj = nn.Linear(cfg.hidden_size, nkv * hd, bias=True)
+        bias = not cfg.qk_norm  # Qwen2: bias on q/k/v; Qwen3: none
+        self.q_proj = nn.Linear(cfg.hidden_size, nh * hd, bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, nkv * hd, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, nkv * hd, bias=bias)
         self.o_proj = nn.Linear(nh * hd, cfg.hidden_size, bias=False)
+        # Qwen3: per-head RMSNorm of q and k (weights (hd,)); Identity (no parameters) for Qwen2.
+        self.q_norm = RMSNorm(hd, cfg.rms_norm_eps) if cfg.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(hd, cfg.rms_norm_eps) if cfg.qk_norm else nn.Identity()
 
     def forward(self, x, cos, sin, mask, logn, cache: KVCache | None):
         B, T, _ = x.shape
         nh, nkv, hd = self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim
-        q = self.q_proj(x).view(B, T, nh, hd).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.k_proj(x).view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
+        q = self.q_norm(self.q_proj(x).view(B, T, nh, hd)).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_norm(self.k_proj(x).view(B, T, nkv, hd)).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, nkv, hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if logn is not None:

@@ -13,10 +13,49 @@ import math
 
 import torch
 
-from data.chatml import REWARD_TOKEN, special_id
+from data.chatml import IM_END, REWARD_TOKEN, special_id
 from data.tokenizer import load_tokenizer  # noqa: F401  (re-exported for trainers)
 
 STATS_FILE = "reward_stats.json"  # mean/std of scores on a reference set, saved beside the model for PPO
+
+
+def add_reward_token(tokenizer) -> bool:
+    """Give a tokenizer without <|reward|> (Qwen2's, Qwen2.5's or Qwen3's own: they have <|im_start|> but not our
+    token) that special token at the next free id; True if it was added. Nothing else in the tokenizer changes."""
+    try:
+        special_id(tokenizer, REWARD_TOKEN)
+        return False
+    except ValueError:
+        pass
+    tokenizer.add_special_tokens({"extra_special_tokens": [REWARD_TOKEN]}, replace_extra_special_tokens=False)
+    special_id(tokenizer, REWARD_TOKEN)  # now a single special token
+    return True
+
+
+def fit_embeddings(model, tokenizer, reward_id: int, added: bool) -> str | None:
+    """Make the model's embedding hold every id of the tokenizer; returns a line for the log, or None.
+
+    A <|reward|> token just added to the tokenizer (`added`) may need one more row: the embedding grows by one
+    (config.vocab_size follows). When the head is new (training starts from a causal LM), the <|reward|> row starts
+    at the mean of the other tokens' rows: a padding row of the checkpoint may hold anything. Any other tokenizer
+    larger than the model is an error (ValueError)."""
+    emb = model.get_input_embeddings()
+    n, size = emb.num_embeddings, len(tokenizer)
+    if size > n and not (added and size == n + 1):
+        raise ValueError(f"tokenizer has {size} tokens but the model's vocab is {n}")
+    if not added:
+        return None
+    notes = [f"added {REWARD_TOKEN} to the tokenizer as id {reward_id}"]
+    if size > n:
+        model.resize_embeddings(size)
+        emb = model.get_input_embeddings()
+        notes.append(f"embedding resized from {n} to {size} rows")
+    if model.fresh_head:
+        others = torch.cat([emb.weight[:reward_id], emb.weight[reward_id + 1:size]])
+        with torch.no_grad():
+            emb.weight[reward_id] = others.float().mean(0).to(emb.weight.dtype)
+        notes.append("its embedding row starts at the mean of the other tokens' rows")
+    return "; ".join(notes)
 
 
 def reward_token_id(tokenizer) -> int:
@@ -95,8 +134,55 @@ def normalisation_stats(scores: torch.Tensor) -> dict[str, float]:
     return {"mean": mean, "std": std, "n": int(scores.numel())}
 
 
-def load_reward_model(path: str, dtype: torch.dtype = torch.float32, head_seed: int = 0):
-    """A ScalarHeadModel from a reward-model folder, or from a causal-LM folder (same-size LM init, new head)."""
-    from model.heads import ScalarHeadModel
+def load_reward_model(path: str, dtype: torch.dtype = torch.float32, head_seed: int = 0, impl: str = "auto"):
+    """A scalar-head model from a reward-model folder, or from a causal-LM folder (same-size LM init, new head).
+    impl: 'custom' (ScalarHeadModel, Qwen2/Qwen3), 'hf' (HFScalarHeadModel, any transformers backbone) or 'auto'
+    (custom for a Qwen2/Qwen3 folder, hf otherwise)."""
+    from model.heads import load_scalar_head
 
-    return ScalarHeadModel.from_pretrained(path, dtype=dtype, head_seed=head_seed)
+    return load_scalar_head(path, impl=impl, dtype=dtype, head_seed=head_seed)
+
+
+def scoring_text(tokenizer, messages: list[dict]) -> str:
+    """The text a reward model scores: the conversation (ending with the assistant reply to score) rendered by the
+    tokenizer's chat template, without the newline the template puts after the last <|im_end|>, then <|reward|>.
+    That is the layout training uses (reply tokens, <|im_end|>, <|reward|>). Scoring without <|reward|> reads the
+    score at another token and gives another number."""
+    if not messages or messages[-1].get("role") != "assistant":
+        raise ValueError("the conversation must end with the assistant reply to score")
+    text = tokenizer.apply_chat_template(messages, tokenize=False).rstrip("\n")
+    if not text.endswith(IM_END):
+        raise ValueError(f"the chat template does not end the reply with {IM_END} (not a ChatML template): "
+                         f"{text[-60:]!r}")
+    return text + REWARD_TOKEN
+
+
+def score_texts(folder_or_model, tokenizer, conversations: list[list[dict]], batch_size: int = 8) -> list[float]:
+    """Scores of conversations (each a list of {"role", "content"} ending with an assistant reply), for use outside
+    the trainers: rendered with the tokenizer's chat template, then <|reward|> (scoring_text), read at <|reward|>.
+
+    folder_or_model: a reward-model folder (reward/train.py's final/) or a loaded scalar-head model.
+    tokenizer: the reward model's tokenizer; None loads the folder's."""
+    if isinstance(folder_or_model, torch.nn.Module):
+        model = folder_or_model
+        if tokenizer is None:
+            raise ValueError("give the reward model's tokenizer when passing a loaded model")
+    else:
+        model = load_reward_model(str(folder_or_model))
+        if tokenizer is None:
+            tokenizer = load_tokenizer(folder_or_model)
+    rid = reward_token_id(tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    seqs = [tokenizer(scoring_text(tokenizer, conv), add_special_tokens=False)["input_ids"] for conv in conversations]
+    dev = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        with torch.no_grad():
+            for s in range(0, len(seqs), batch_size):
+                ids, mask = pad_sequences(seqs[s:s + batch_size], pad)
+                out += score(model, ids.to(dev), mask.to(dev), rid).float().cpu().tolist()
+    finally:
+        model.train(was_training)
+    return out

@@ -28,15 +28,18 @@ import torch
 
 from common.config import ConfigError, cfg, parse_config, save_config
 from reward.losses import pairwise_loss
-from reward.model import (STATS_FILE, load_reward_model, load_tokenizer, normalisation_stats, pair_batch,
-                          reward_token_id, score, score_pairs)
+from reward.model import (STATS_FILE, add_reward_token, fit_embeddings, load_reward_model, load_tokenizer,
+                          normalisation_stats, pair_batch, reward_token_id, score, score_pairs)
 
 
 @dataclass
 class RewardConfig:
     # --- model ---
     model_path: str = cfg("", "PMP: the same-size causal-LM folder; finetune: the PMP reward-model folder")
-    tokenizer: str = cfg("qwen2", "'qwen2', 'small' (tiny test BPE) or a tokenizer folder; must have <|reward|>")
+    model_impl: str = cfg("custom", "'custom' = model.qwen (Qwen2/Qwen3 folders), 'hf' = any transformers backbone "
+                                    "(AutoModelForSequenceClassification, e.g. Llama, GPT-NeoX, GPT-2)")
+    tokenizer: str = cfg("qwen2", "'qwen2', 'small' (tiny test BPE) or a tokenizer folder; <|reward|> is added "
+                                  "if it lacks it (the saved tokenizer = this one + <|reward|>)")
     head_seed: int = cfg(0, "seed of the fresh scalar head when model_path is a causal LM")
     gradient_checkpointing: bool = cfg(False, "recompute activations in the backward to save memory")
     sparse_embedding_grad: bool = cfg(True, "embedding gradient as sparse rows, densified once per step (exact, "
@@ -78,6 +81,8 @@ class RewardConfig:
             raise ConfigError("model_path is required: the causal LM (PMP) or the PMP reward model (finetune)")
         if not self.train_files:
             raise ConfigError("train_files is empty: give at least one preference file")
+        if self.model_impl not in ("custom", "hf"):
+            raise ConfigError(f"model_impl must be 'custom' or 'hf', got {self.model_impl!r}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
         if self.truncation not in ("drop", "truncate"):
@@ -138,6 +143,7 @@ def train(c: RewardConfig) -> list[float]:
 
     # 2. tokenizer and pairs (every rank builds the same list; the batch plan picks each rank's share)
     tokenizer = load_tokenizer(c.tokenizer)
+    added = add_reward_token(tokenizer)  # Qwen2/2.5/3's own tokenizers lack it: one new special token
     reward_id = reward_token_id(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     pairs, report = build_pairs(c.train_files, tokenizer, c)
@@ -149,15 +155,17 @@ def train(c: RewardConfig) -> list[float]:
         raise ConfigError(f"warmup_steps ({c.warmup_steps}) must be < the {total} optimizer steps of this run")
 
     # 3. model (same-size LM backbone + fresh head, or the PMP model), optimizer, constant schedule
-    model = load_reward_model(str(resume_dir / "model") if resume_dir else c.model_path, head_seed=c.head_seed)
-    vocab = model.get_decoder().embed_tokens.num_embeddings
-    if len(tokenizer) > vocab:
-        raise ConfigError(f"tokenizer has {len(tokenizer)} tokens but the model's vocab is {vocab}")
+    model = load_reward_model(str(resume_dir / "model") if resume_dir else c.model_path, head_seed=c.head_seed,
+                              impl=c.model_impl)
+    try:
+        vocab_note = fit_embeddings(model, tokenizer, reward_id, added)  # a new <|reward|> may need one more row
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if c.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.train()
     use_sparse = c.sparse_embedding_grad and acc.distributed_type.value != "DEEPSPEED"
-    emb_grad = SparseEmbeddingGrad(model.get_decoder().embed_tokens) if use_sparse else None
+    emb_grad = SparseEmbeddingGrad(model.get_input_embeddings()) if use_sparse else None
     optimizer = build_adamw(model, c.lr, c.betas, c.eps, c.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: constant_with_warmup(s, c.warmup_steps))
     model, optimizer = acc.prepare(model, optimizer)
@@ -169,6 +177,8 @@ def train(c: RewardConfig) -> list[float]:
         start = state["step"]
     if acc.is_main_process:
         save_config(c, out / "config.yaml")
+        if vocab_note:
+            print(f"[reward] {vocab_note}", flush=True)
         print(f"[reward] {report}\n[reward] eval: {eval_report or 'none'}\n[reward] {len(pairs)} pairs, mini batch "
               f"{mini}, steps {start}->{total}, ranks {W}, precision {acc.mixed_precision}, resume from "
               f"{resume_dir}, model {c.model_path}", flush=True)

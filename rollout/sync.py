@@ -1,7 +1,8 @@
 """Weight sync helpers and the greedy check that makes every sync verifiable (PITFALLS 1, 2, 3).
 
-- `full_state_dict(model)`: the policy's weights under Hugging Face Qwen2 names, ALWAYS with `lm_head.weight` (a tied
-  output layer left out stays stale inside vLLM on CPU, with only a log warning), LoRA merged into the base weights.
+- `full_state_dict(model)`: the policy's weights under Hugging Face Qwen2 / Qwen3 names, ALWAYS with `lm_head.weight`
+  (a tied output layer left out stays stale inside vLLM on CPU, with only a log warning), LoRA merged into the base
+  weights.
 - `run_with_timeout(fn, timeout_s, what)`: a sync that hangs raises `SyncTimeout` instead of blocking the trainer.
 - `verify_greedy(model, prompts, rollout)`: the engine's greedy tokens and log-probs against the policy's own, on one
   teacher-forced forward; raises `GreedyMismatch` naming the first differing prompt and position.
@@ -52,7 +53,8 @@ def _hf_name(key: str) -> str | None:
 
 
 def full_state_dict(model, clone: bool = False) -> dict[str, torch.Tensor]:
-    """Every weight vLLM's Qwen2 loader knows, detached, `lm_head.weight` included even when tied (PITFALLS 2).
+    """Every weight vLLM's Qwen2 / Qwen3 loader knows (Qwen3: q_norm / k_norm too), detached, `lm_head.weight`
+    included even when tied (PITFALLS 2).
 
     Call inside `merged_lora(model)` for a peft model, so the adapter is folded into the base weights (PITFALLS 3).
     clone=True copies the tensors, so the caller may change the model while the copy is being sent.
