@@ -14,8 +14,10 @@ def reward_sequences(prompt_ids, response_ids, messages, tok, rtok, same_tokeniz
     from data.chatml import REWARD_TOKEN, special_id, tokenize_chat
 
     rid = special_id(rtok, REWARD_TOKEN)  # a tokenizer without it: clear error naming the token
-    policy_rid = tok.convert_tokens_to_ids(REWARD_TOKEN)
-    response_ids = [[t for t in r if t != policy_rid] for r in response_ids]  # a sampled <|reward|> ends a row
+    # a sampled <|reward|> ends a row (stop_ids) and is never scored as part of the reply; with equal tokenizers the
+    # policy may lack the token but can still sample the reward model's id (an unused row of a padded vocab)
+    drop = {tok.convert_tokens_to_ids(REWARD_TOKEN), rid if same_tokenizer else None}
+    response_ids = [[t for t in r if t not in drop] for r in response_ids]
     if same_tokenizer:
         return [p + r + [rid] for p, r in zip(prompt_ids, response_ids)]
     out = []
@@ -117,13 +119,15 @@ def heldout_loss(policy, rows: list[dict], pad_id: int, chunk_size: int, batch: 
     return sum_over_ranks(acc, [total])[0] if acc is not None else total
 
 
-def stop_ids(tok) -> list[int]:
-    """<|im_end|>, <|endoftext|>, then <|reward|> if the policy's vocabulary has it: a response must never contain
-    the token the reward model reads its score at (PITFALLS 5), so sampling it ends the row."""
+def stop_ids(tok, reward_tok=None) -> list[int]:
+    """<|im_end|>, <|endoftext|>, then <|reward|> (the policy's, and `reward_tok`'s when it reads the same ids): a
+    response must never contain the token the reward model reads its score at (a second one would move the score), so sampling it
+    ends the row."""
     from data.chatml import ENDOFTEXT, IM_END, REWARD_TOKEN, special_id
 
     ids = [special_id(tok, IM_END), special_id(tok, ENDOFTEXT)]
-    try:
-        return ids + [special_id(tok, REWARD_TOKEN)]
-    except ValueError:
-        return ids
+    for t in (tok, reward_tok):
+        rid = None if t is None else t.convert_tokens_to_ids(REWARD_TOKEN)
+        if isinstance(rid, int) and rid != t.unk_token_id and rid not in ids:
+            ids.append(rid)
+    return ids

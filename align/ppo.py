@@ -490,9 +490,9 @@ def setup(c: PPOConfig) -> tuple[Run, int, Path | None]:
     kl_ctl = AdaptiveKLController(c.kl_coef, c.kl_target, c.kl_horizon, c.kl_min_coef) if c.kl_adaptive else \
         FixedKLController(c.kl_coef)
     run = Run(c, acc, policy, ref, reward, value, opt, build_engine(c, policy, pad(tok)), tok, rtok, same, pad(tok),
-              pad(rtok), special_id(rtok, REWARD_TOKEN), stop_ids(tok),
+              pad(rtok), special_id(rtok, REWARD_TOKEN), stop_ids(tok, rtok if same else None),
               prompts, ptx, heldout, kl_ctl, RunningMeanStd(), use_true_reward(c),
-              value_emb_grad=SparseEmbeddingGrad(value.get_decoder().embed_tokens))  # exact; rows touched only
+              value_emb_grad=SparseEmbeddingGrad(value.get_input_embeddings()))  # exact; rows touched only
     start = 0
     if resume_dir is not None:  # exact resume: weights above, then optimizers, statistics and RNG state
         state = load_checkpoint_state(resume_dir)

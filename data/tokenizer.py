@@ -244,8 +244,10 @@ def tokenizer_fingerprint(tok) -> str:
 
     Used to refuse a reward model whose tokenizer differs from the policy's (PITFALLS.md #6).
     """
+    # <|reward|> is ignored: reward training adds it to a tokenizer that lacks it (Qwen2.5, Qwen3) at a new id and
+    # changes no other id, so a policy and its reward model still read the same ids.
     payload = {
-        "vocab": sorted(tok.get_vocab().items()),
-        "specials": sorted(tok.all_special_tokens),
+        "vocab": sorted((t, i) for t, i in tok.get_vocab().items() if t != REWARD_TOKEN),
+        "specials": sorted(t for t in tok.all_special_tokens if t != REWARD_TOKEN),
     }
     return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()[:16]
