@@ -22,7 +22,7 @@ from model.qwen import QwenConfig, QwenForCausalLM
 _FIELDS = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
            "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
            "attention_dropout", "hidden_dropout", "rope_train_len", "ntk_factor", "use_dynamic_ntk", "use_logn_attn",
-           "use_sliding_window", "sliding_window", "max_window_layers"]
+           "layer_windows", "extend_context_in_training", "use_sliding_window", "sliding_window", "max_window_layers"]
 # Keys that transformers writes and that change nothing we compute.
 _IGNORED = {"architectures", "model_type", "transformers_version", "dtype", "torch_dtype", "initializer_range",
             "use_cache", "bos_token_id", "eos_token_id", "pad_token_id", "layer_types", "output_attentions",
@@ -63,7 +63,8 @@ def config_to_hf(cfg: QwenConfig, dtype: torch.dtype = torch.float32,
     d["rope_parameters"] = {"rope_type": "default", "rope_theta": d.pop("rope_theta")}
     if not cfg.use_sliding_window:
         d["sliding_window"] = None
-    for k in ("rope_train_len", "ntk_factor", "use_dynamic_ntk", "use_logn_attn", "hidden_dropout"):
+    for k in ("rope_train_len", "ntk_factor", "use_dynamic_ntk", "use_logn_attn", "layer_windows",
+              "extend_context_in_training", "hidden_dropout"):
         if d[k] == QwenConfig.__dataclass_fields__[k].default:
             d.pop(k)  # keep config.json plain Qwen2 unless an extension is on
     return {"architectures": [architecture], "model_type": "qwen2", "hidden_act": "silu",
