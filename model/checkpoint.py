@@ -23,7 +23,7 @@ from model.qwen import MODEL_TYPES, QwenConfig, QwenForCausalLM
 _FIELDS = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
            "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
            "attention_dropout", "hidden_dropout", "rope_train_len", "ntk_factor", "use_dynamic_ntk", "use_logn_attn",
-           "use_sliding_window", "sliding_window", "max_window_layers"]
+           "layer_windows", "extend_context_in_training", "use_sliding_window", "sliding_window", "max_window_layers"]
 # Qwen3Config's defaults for keys a config.json may leave out, where they differ from QwenConfig's.
 _HF_DEFAULTS = {"qwen3": {"head_dim": 128, "max_window_layers": 28}}
 # Keys that transformers writes and that change nothing we compute.
@@ -76,7 +76,8 @@ def config_to_hf(cfg: QwenConfig, dtype: torch.dtype = torch.float32, task: str 
     d["rope_parameters"] = {"rope_type": "default", "rope_theta": d.pop("rope_theta")}
     if not cfg.use_sliding_window:
         d["sliding_window"] = None
-    for k in ("rope_train_len", "ntk_factor", "use_dynamic_ntk", "use_logn_attn", "hidden_dropout"):
+    for k in ("rope_train_len", "ntk_factor", "use_dynamic_ntk", "use_logn_attn", "layer_windows",
+              "extend_context_in_training", "hidden_dropout"):
         if d[k] == QwenConfig.__dataclass_fields__[k].default:
             d.pop(k)  # keep config.json plain Qwen2/Qwen3 unless an extension is on
     if cfg.model_type == "qwen3":

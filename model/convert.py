@@ -19,8 +19,17 @@ import torch
 from model.checkpoint import load_causal_lm, save_causal_lm
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-EXTENSIONS = {"ntk_factor": float, "use_dynamic_ntk": lambda s: s.lower() in ("1", "true", "yes"),
-              "use_logn_attn": lambda s: s.lower() in ("1", "true", "yes"), "rope_train_len": int}
+def _flag(s: str) -> bool:
+    return s.lower() in ("1", "true", "yes")
+
+
+def _windows(s: str) -> list:
+    """'512,1024,none' -> [512, 1024, None]: one window per layer, 'none' = full attention."""
+    return [None if x.strip().lower() == "none" else int(x) for x in s.split(",")]
+
+
+EXTENSIONS = {"ntk_factor": float, "use_dynamic_ntk": _flag, "use_logn_attn": _flag, "rope_train_len": int,
+              "layer_windows": _windows, "extend_context_in_training": _flag}
 
 
 def parse_sets(items: list[str]) -> dict:
@@ -58,7 +67,8 @@ def main(argv=None):
         raise SystemExit("--set applies to --to custom only")
     model = load_causal_lm(args.src, **sets)
     if args.to == "hf" and model.config.extends_context:
-        raise SystemExit(f"{args.src}: context extension is on (ntk_factor/use_dynamic_ntk/use_logn_attn); "
+        raise SystemExit(f"{args.src}: context extension is on (ntk_factor/use_dynamic_ntk/use_logn_attn/"
+                         "layer_windows); "
                          "transformers and vLLM cannot reproduce it. Convert with those off.")
     if args.dtype:
         model = model.to(DTYPES[args.dtype])

