@@ -139,7 +139,9 @@ def test_reward_model_under_zero3_equals_one_process(files, tmp_path):
     # lr-sized (2e-3) steps (measured: up to 2.2e-4 after 4 steps); a shard gathered wrongly is off by ~0.02 (init)
     assert_same_weights(tmp_path / "one" / "final", tmp_path / "ds" / "final", atol=1e-3)
     stats = [json.loads((tmp_path / d / "final" / "reward_stats.json").read_text()) for d in ("one", "ds")]
-    assert stats[1]["mean"] == pytest.approx(stats[0]["mean"], abs=1e-4)
+    # the statistics are scores of those weights, so they inherit that noise: measured 1.1e-4 absolute on a mean of
+    # 7.22 (1.5e-5 relative) on an AVX2 machine; a wrong gather moves them by far more than 1e-4 relative
+    assert stats[1]["mean"] == pytest.approx(stats[0]["mean"], rel=1e-4)
     assert stats[1]["std"] == pytest.approx(stats[0]["std"], rel=1e-4)
 
 
