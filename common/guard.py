@@ -25,3 +25,29 @@ def check_finite(step: int, losses: dict[str, float | torch.Tensor], last_checkp
             raise NonFiniteLossError(
                 f"step {step}: loss {name!r} is {v}; stopping the run without an optimizer step or a checkpoint "
                 f"({kept}). Lower the learning rate, check the data, or resume from the checkpoint.")
+
+
+def nonfinite_tensors(tensors) -> int:
+    """How many of `tensors` hold a NaN or inf (one max-abs reduction each, one device sync in all)."""
+    tensors = [t.detach() for t in tensors if t.numel() > 0]
+    if not tensors:
+        return 0
+    peaks = torch.stack([torch.linalg.vector_norm(t, float("inf")).float() for t in tensors])  # NaN/inf propagate
+    return int((~torch.isfinite(peaks)).sum())
+
+
+def optimizer_params(optimizer) -> list[torch.Tensor]:
+    """The tensors an optimizer updates (under DeepSpeed ZeRO: this rank's fp32 partitions)."""
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def check_finite_weights(step: int, n_bad: int, n_total: int, last_checkpoint: str | Path | None = None) -> None:
+    """Raise NonFiniteLossError if `n_bad` weight tensors (counted by nonfinite_tensors, summed over ranks) hold a
+    NaN or inf: nothing with such weights is saved or called good."""
+    if n_bad:
+        kept = f"the last good checkpoint is kept at {last_checkpoint}" if last_checkpoint else \
+            "no checkpoint had been written yet"
+        raise NonFiniteLossError(
+            f"step {step}: {n_bad} of {n_total} weight tensors hold NaN or inf after the optimizer step though the "
+            f"loss and gradient norm were finite; stopping without writing a checkpoint ({kept}). Lower the "
+            f"learning rate, or resume from the checkpoint.")
