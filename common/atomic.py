@@ -73,10 +73,16 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
-def fsync_tree(root: str | Path) -> None:
-    """fsync every file and directory under `root` (before renaming it into place)."""
+def fsync_tree(root: str | Path, fix_modes: bool = False) -> None:
+    """fsync every file and directory under `root` (before renaming it into place). fix_modes: give every file
+    0666 and every folder 0777 minus the umask (some writers, safetensors for one, create files 0600)."""
+    umask = current_umask()
     for dirpath, _, filenames in os.walk(root):
+        if fix_modes:
+            os.chmod(dirpath, 0o777 & ~umask)
         for name in filenames:
+            if fix_modes:
+                os.chmod(os.path.join(dirpath, name), 0o666 & ~umask)
             fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
             try:
                 os.fsync(fd)
@@ -94,10 +100,9 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700: a serving account could not read an export
     try:
         yield tmp
-        fsync_tree(tmp)
+        fsync_tree(tmp, fix_modes=True)  # mkdtemp makes 0700: a serving account could not read an export
         failpoint(f"atomic_dir:{path.name}")
         if path.exists():  # replace: move the old one aside first, delete it only after the rename
             old = path.with_name(f".{path.name}.old")

@@ -34,10 +34,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from common.atomic import atomic_write_json, fsync_dir, sweep_stale
-from common.checkpoint import checkpoint_name, list_checkpoints, read_meta
+from common.checkpoint import check_no_pickle, list_checkpoints, read_meta
 from common.config import ConfigError, save_config
 from common.failpoint import failpoint
 from common.lock import LOCK_NAME, LockedError, RunLock, exit_with_parent, launched_by_launcher
+from common.safestate import UnsafeStateError
 
 RUN_JSON = "run.json"
 CKPT_DIR = "checkpoints"
@@ -329,6 +330,7 @@ def _decide(out: Path, c, kind: str, say) -> tuple[str, Path | None]:
                              f"resume from; use {replace} or a new output_dir")
         if others:
             say(f"[run] ignoring {len(others)} checkpoint(s) of other runs in {out / CKPT_DIR}")
+        check_no_pickle(mine[-1], allow_under="deepspeed")  # before any loader looks into it
         say(f"[run] resuming {kind} run {info['run_id']} from {mine[-1]}")
         return info["run_id"], mine[-1]
     if c.resume and foreign:
@@ -364,15 +366,15 @@ def open_run(acc, c, kind: str) -> RunDir:
             run_id, resume_dir, lock = _prepare(out, c, kind, lambda s: print(s, flush=True))
             save_config(c, out / "config.yaml")
             decision = {"run_id": run_id, "resume": None if resume_dir is None else str(resume_dir)}
-        except (RunRefused, RunFinished, RunIOError) as e:
+        except (RunRefused, RunFinished, RunIOError, UnsafeStateError) as e:
             decision = {"error": type(e).__name__, "message": str(e)}
     if acc.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 
         decision = broadcast_object_list([decision])[0]
     if "error" in decision:
-        raise {"RunRefused": RunRefused, "RunFinished": RunFinished, "RunIOError": RunIOError}[decision["error"]](
-            decision["message"])
+        raise {"RunRefused": RunRefused, "RunFinished": RunFinished, "RunIOError": RunIOError,
+               "UnsafeStateError": UnsafeStateError}[decision["error"]](decision["message"])
     resume = None if decision["resume"] is None else Path(decision["resume"])
     return RunDir(out, kind, decision["run_id"], resume, acc.is_main_process, lock=lock, last_ckpt=resume)
 
@@ -386,28 +388,30 @@ def run_main(cls, train: Callable, argv: list[str] | None = None) -> None:
     from common.safestate import UnsafeStateError
 
     main_rank = os.environ.get("RANK", "0") == "0"
-
-    def stop(code: int, text: str):
-        if main_rank or code:
-            print(text, file=sys.stderr if code else sys.stdout, flush=True)
-        raise SystemExit(code)
-
     try:
         config = parse_config(cls, argv)
     except ConfigError as e:
-        stop(2, f"config error: {e}")
-    try:
-        train(config)
-    except RunFinished as e:
-        stop(0, str(e))
-    except (RunRefused, UnsafeStateError) as e:
-        stop(2, f"run error: {e}")
-    except ConfigError as e:
-        stop(2, f"config error: {e}")
-    except (RunIOError, NonFiniteLossError) as e:
-        stop(1, f"error: {e}")
-    except OSError as e:
-        words = fs_words(e)
-        if words is None:
-            raise
-        stop(1, f"error: {words}: {e.filename or e}")
+        code, text = 2, f"config error: {e}"
+    else:
+        try:
+            train(config)
+            return
+        except RunFinished as e:
+            code, text = 0, str(e)
+        except (RunRefused, UnsafeStateError) as e:
+            code, text = 2, f"run error: {e}"
+        except ConfigError as e:
+            code, text = 2, f"config error: {e}"
+        except (RunIOError, NonFiniteLossError) as e:
+            code, text = 1, f"error: {e}"
+        except OSError as e:
+            words = fs_words(e)
+            if words is None:
+                raise
+            code, text = 1, f"error: {words}: {e.filename or e}"
+    import gc
+
+    gc.collect()  # the trainer's frames go now: a progress bar left open draws its last line before ours
+    if main_rank or code:
+        print(text, file=sys.stderr if code else sys.stdout, flush=True)
+    raise SystemExit(code)
