@@ -21,10 +21,11 @@ import socket
 import sys
 import threading
 import time
+import weakref
 from pathlib import Path
 
 LOCK_NAME = "run.lock"
-_HELD: dict[str, "RunLock"] = {}  # this process's locks by path: a new run in the same process replaces the old
+_HELD: "weakref.WeakValueDictionary[str, RunLock]" = weakref.WeakValueDictionary()  # this process's locks by path
 
 
 class LockedError(RuntimeError):
@@ -65,8 +66,9 @@ class RunLock:
         """Take the lock. Returns a note when a dead owner's lock was taken over; raises LockedError naming the
         owner while a live run holds it."""
         key = str(self.path.resolve())
-        if key in _HELD:  # an earlier run in this process ended without releasing (an exception): it is over
-            _HELD.pop(key).release()
+        old = _HELD.pop(key, None)
+        if old is not None:  # an earlier run in this process ended without releasing (an exception): it is over
+            old.release()
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         previous = self.read_owner()
         try:
@@ -92,6 +94,12 @@ class RunLock:
         if previous.get("pid") and previous.get("pid") != os.getpid():
             return f"took over the lock of {_describe(previous)}, which is no longer running"
         return None
+
+    def __del__(self):  # a run that raised in a notebook frees the folder once its objects are gone
+        try:
+            self.release()
+        except Exception:
+            pass
 
     def release(self) -> None:
         if self._fd is None:

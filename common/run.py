@@ -257,6 +257,8 @@ def read_run_json(out: Path) -> dict | None:
 def _replace_previous(out: Path) -> None:
     """Move everything a run wrote aside into one hidden folder (run.json first, so a crash half way leaves a folder
     that no start takes for a run), then delete it."""
+    if not any((out / name).exists() or (out / name).is_symlink() for name in RUN_OUTPUTS):
+        return
     aside = out / f".replaced-{secrets.token_hex(4)}.deleting"
     aside.mkdir()
     moved = 0

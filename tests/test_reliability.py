@@ -468,9 +468,10 @@ def _can_mount_tmpfs() -> bool:
 
 
 @pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs root and mount namespaces for a real small tmpfs")
-def test_full_disk_during_a_checkpoint_is_one_line(world, tmp_path):
+def test_full_disk_and_read_only_folder_are_one_line(world, tmp_path):
     """A real full file system (a tmpfs sized for one checkpoint and a bit, in a private mount namespace): the
-    second checkpoint does not fit. One line, exit 1, checkpoint 2 intact, no temporaries left, no traceback."""
+    second checkpoint does not fit. One line, exit 1, checkpoint 2 intact and `latest`, no temporaries left. Then
+    the same file system remounted read-only: one line naming it, exit 1."""
     probe = tmp_path / "probe"
     sft.train(sft_config(world, probe, max_steps=4, stop_at_step=2))
     size = sum(f.stat().st_size for f in (probe / "checkpoints" / "step-00000002").rglob("*") if f.is_file())
@@ -479,14 +480,191 @@ def test_full_disk_during_a_checkpoint_is_one_line(world, tmp_path):
     out = mnt / "run"
     cmd = " ".join([sys.executable, str(REPO / "align" / "sft.py"), *cli(sft_values(world, out, max_steps=4))])
     kb = (int(size * 1.5) + 200_000) // 1024
-    script = f"mount -t tmpfs -o size={kb}k tmpfs {mnt} && {cmd}; rc=$?; ls -a {out} {out}/checkpoints; " \
-             f"cat {out}/checkpoints/latest; exit $rc"
+    e1, e2, listing = tmp_path / "err1", tmp_path / "err2", tmp_path / "listing"
+    script = (f"mount -t tmpfs -o size={kb}k tmpfs {mnt} || exit 9; {cmd} >/dev/null 2>{e1}; echo rc1=$?; "
+              f"ls -a {out} {out}/checkpoints > {listing}; cat {out}/checkpoints/latest >> {listing}; "
+              f"mount -o remount,ro {mnt} && {cmd} >/dev/null 2>{e2}; echo rc2=$?")
     r = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script], env=ENV, cwd=REPO,
                        capture_output=True, text=True)
-    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
-    assert last_line(r.stderr) == (f"error: no space left on device writing checkpoint step 4 in {out / 'checkpoints'}; the "
-                   f"previous checkpoint step 2 is intact ({out / 'checkpoints' / 'step-00000002'}); free space and "
-                   f"rerun the same command to resume from it"), r.stderr[-3000:]
-    listing = r.stdout.split()
-    assert "step-00000002" in listing and not any(n.endswith((".tmp", ".deleting")) for n in listing)
-    assert listing[-1] == "step-00000002"  # latest
+    assert "rc1=1" in r.stdout and "Traceback" not in e1.read_text(), e1.read_text()[-3000:]
+    assert last_line(e1.read_text()) == (
+        f"error: no space left on device writing checkpoint step 4 in {out / 'checkpoints'}; the previous "
+        f"checkpoint step 2 is intact ({out / 'checkpoints' / 'step-00000002'}); free space and rerun the same "
+        f"command to resume from it")
+    names = listing.read_text().split()
+    assert "step-00000002" in names and not any(n.endswith((".tmp", ".deleting")) for n in names)
+    assert names[-1] == "step-00000002"  # latest
+    assert "rc2=1" in r.stdout and e2.read_text() == f"error: read-only file system: cannot create or lock " \
+                                                      f"output_dir {out}\n"
+
+
+# ---------------------------------------------------------------------------------------------------- slow tests
+def trainer_values(kind: str, world: Path, out: Path) -> tuple[str, dict]:
+    """(script, CLI values) of a small 8-step run of each trainer, checkpoints every 2 steps, keep_last 1."""
+    common = dict(max_steps=8, save_every=2, keep_last=1, output_dir=str(out))
+    if kind == "sft":
+        return "align/sft.py", sft_values(world, out) | common
+    if kind == "reward":
+        return "reward/train.py", dict(model_path=str(world / "policy"), tokenizer="small",
+                                       train_files=[str(world / "pairs.jsonl")], eval_files=[str(world / "eval.jsonl")],
+                                       seq_len=64, micro_batch_size_per_rank=2, grad_accum_steps=2, lr=1e-3,
+                                       eval_every=2) | common
+    if kind == "dpo":
+        return "align/dpo.py", dict(init_config=str(world / "tiny.json"), tokenizer="small",
+                                    train_files=[str(world / "pairs.jsonl")], seq_len=64, micro_batch_size_per_rank=2,
+                                    grad_accum_steps=2, warmup_steps=1, lr=1e-3) | common
+    return "align/ppo.py", dict(policy_path=str(world / "policy"), reward_path=str(world / "reward"),
+                                prompt_files=[str(world / "prompts.jsonl")], pretrain_files=[str(world / "pretrain.jsonl")],
+                                heldout_files=[str(world / "heldout.jsonl")], ptx_seq_len=32, heldout_rows=4,
+                                rollout_batch_prompts=4, samples_per_prompt=2, max_new_tokens=6, micro_batch_size=4,
+                                value_warmup_steps=1, policy_lr=1e-3, value_lr=1e-3, ptx_coef=0.5, ptx_rows=2,
+                                kl_adaptive=True, tax_every=1, true_reward=False) | common
+
+
+def launch(script: str, values: dict, failpoint: str | None = None, kill_after: float | None = None,
+           extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run a trainer as its own process; with `failpoint` it kills itself there (common/failpoint.py), with
+    `kill_after` it gets SIGKILL after that many seconds."""
+    env = ENV | ({"QWEN_ALIGN_FAILPOINT": failpoint} if failpoint else {}) | (extra_env or {})
+    p = subprocess.Popen([sys.executable, str(REPO / script), *cli(values)], env=env, cwd=REPO,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = p.communicate(timeout=kill_after)
+    except subprocess.TimeoutExpired:
+        p.send_signal(signal.SIGKILL)
+        out, err = p.communicate()
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+
+
+def assert_consistent(out: Path) -> None:
+    """What any kill must leave: every checkpoint under a live name is complete (weights, state, meta of this run),
+    and `latest` names one of them."""
+    run_id = json.loads((out / "run.json").read_text())["run_id"]
+    root = out / "checkpoints"
+    live = sorted(d for d in root.glob("step-*")) if root.is_dir() else []
+    for d in live:
+        meta = read_meta(d)
+        assert meta is not None and meta["run_id"] == run_id, d
+        assert (d / "state.json").is_file() and (d / "state.safetensors").is_file(), d
+        assert list((d / "model").glob("*.safetensors")) or (d / "model" / "adapter_config.json").is_file(), d
+    if (root / "latest").is_file():
+        assert (root / (root / "latest").read_text().strip()) in live
+
+
+KILLS = ["atomic_dir:step-00000004",  # save window: checkpoint 4 written, not renamed into place
+         "checkpoint.renamed@4",  # checkpoint 4 in place, `latest` not updated, 2 not pruned
+         "prune@2",  # (resumed from 4, saving 6) checkpoint 2 renamed for deletion, not deleted
+         "metrics.torn@7",  # half of step 7's metrics row written
+         "atomic_dir:final",  # final/ written, not renamed (reward: after its final eval row)
+         "final.written"]  # final/ in place, run.json not yet "finished"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["sft", "reward", "dpo", "ppo"])
+def test_kill_9_anywhere_then_resume_equals_uninterrupted(world, tmp_path, kind):
+    """Each trainer, 8 steps: (a) killed at each named crash point in turn, resumed by the same command each time;
+    (b) killed twice at random moments (seeded), resumed. Both end with metrics rows (timings aside) and final
+    weights bit-identical to an uninterrupted run, no row twice, no temporary left, run.json finished; every kill
+    leaves complete checkpoints only, with `latest` naming one."""
+    script, ref_values = trainer_values(kind, world, tmp_path / "ref")
+    t0 = time.perf_counter()
+    ref = launch(script, ref_values)
+    wall = time.perf_counter() - t0
+    assert ref.returncode == 0, ref.stderr[-3000:]
+
+    def finish_and_compare(out: Path):
+        done = launch(script, trainer_values(kind, world, out)[1])
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert metric_rows(out) == metric_rows(tmp_path / "ref")
+        assert same_weights(out / "final", tmp_path / "ref" / "final")
+        if kind == "reward":
+            assert (out / "final" / "reward_stats.json").read_text() == \
+                (tmp_path / "ref" / "final" / "reward_stats.json").read_text()
+        assert stale(out) == [] and json.loads((out / "run.json").read_text())["status"] == "finished"
+        again = launch(script, trainer_values(kind, world, out)[1])
+        assert again.returncode == 0 and "nothing to do" in again.stdout
+
+    out = tmp_path / "points"
+    for point in KILLS:
+        r = launch(script, trainer_values(kind, world, out)[1], failpoint=point)
+        assert r.returncode == -signal.SIGKILL, (point, r.stderr[-3000:])
+        assert_consistent(out)
+    assert (out / "final").is_dir()  # the last kill came after final/ was in place
+    finish_and_compare(out)
+
+    out, rng = tmp_path / "random", random.Random(f"kill-{kind}")
+    for _ in range(2):
+        r = launch(script, trainer_values(kind, world, out)[1], kill_after=rng.uniform(0.3, 0.7) * wall)
+        assert r.returncode in (-signal.SIGKILL, 0), r.stderr[-3000:]
+        if (out / "run.json").is_file():
+            assert_consistent(out)
+    finish_and_compare(out)
+
+
+def _wait_for_owner(out: Path, timeout: float = 120) -> int:
+    for _ in range(int(timeout * 10)):
+        text = (out / "run.lock").read_text() if (out / "run.lock").is_file() else ""
+        if text.strip() and (out / "run.json").is_file():
+            return json.loads(text)["pid"]
+        time.sleep(0.1)
+    raise AssertionError(f"no run took {out}")
+
+
+@pytest.mark.slow
+def test_two_runs_into_one_folder(world, tmp_path):
+    """While a run is live, a second one into its folder is refused in one line naming the owner, and writes
+    nothing; the first finishes unharmed. A kill -9 of the owner frees the folder: the next start says it took the
+    lock over and resumes."""
+    out = tmp_path / "run"
+    values = sft_values(world, out, max_steps=30, save_every=5, micro_batch_size_per_rank=1)
+    first = subprocess.Popen([sys.executable, str(REPO / "align" / "sft.py"), *cli(values)], env=ENV, cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    owner = _wait_for_owner(out)
+    assert owner == first.pid
+    config = (out / "config.yaml").read_text()
+    second = launch("align/sft.py", values | {"lr": 5e-4})
+    assert second.returncode == 2 and last_line(second.stderr).startswith(
+        f"run error: {out} is in use by another run: pid {first.pid} on host "), second.stderr[-2000:]
+    assert (out / "config.yaml").read_text() == config
+    _, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err[-3000:]
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == list(range(1, 31))
+    assert json.loads((out / "run.json").read_text())["status"] == "finished"
+
+    out2 = tmp_path / "run2"
+    values2 = values | {"output_dir": str(out2)}
+    victim = subprocess.Popen([sys.executable, str(REPO / "align" / "sft.py"), *cli(values2)], env=ENV, cwd=REPO,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for_owner(out2)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    after = launch("align/sft.py", values2)
+    assert after.returncode == 0 and f"took over the lock of pid {victim.pid}" in after.stdout, after.stderr[-2000:]
+    assert metric_rows(out2) == metric_rows(out)
+
+
+@pytest.mark.slow
+def test_trainer_exits_when_accelerate_launch_is_killed(world, tmp_path):
+    """kill -9 of the `accelerate launch` parent: the trainer (its child) gets SIGTERM and ends within seconds
+    instead of running on as an orphan; the same command then resumes the run to the end."""
+    out = tmp_path / "run"
+    values = sft_values(world, out, max_steps=200, save_every=20, micro_batch_size_per_rank=1)
+    launcher = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1",
+                                 "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "align" / "sft.py"),
+                                 *cli(values)], env=ENV, cwd=REPO, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+    trainer = _wait_for_owner(out)
+    assert trainer != launcher.pid
+    launcher.send_signal(signal.SIGKILL)
+    launcher.wait()
+    for _ in range(150):
+        status = Path(f"/proc/{trainer}/status")
+        if not status.exists() or "zombie" in status.read_text().lower():
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(trainer, signal.SIGKILL)
+        pytest.fail("the trainer outlived its launcher")
+    again = launch("align/sft.py", values)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == list(range(1, 201))
