@@ -355,8 +355,8 @@ def test_ppo_model_kinds_and_nan_message(world, tmp_path, monkeypatch):
 
 
 def _hold_lock(folder: Path) -> subprocess.Popen:
-    code = ("import sys, time; from common.lock import RunLock; RunLock(sys.argv[1]).acquire(); print('held', "
-            "flush=True); time.sleep(120)")
+    code = ("import sys, time; from common.lock import RunLock; lock = RunLock(sys.argv[1]); lock.acquire(); "
+            "print('held', flush=True); time.sleep(120)")
     p = subprocess.Popen([sys.executable, "-c", code, str(folder / "run.lock")], env=ENV, cwd=REPO,
                          stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "held"
