@@ -322,6 +322,15 @@ def test_nan_guard_checks_the_weights(world, tmp_path, monkeypatch):
     assert all(torch.isfinite(w).all() for w in weights(out / "checkpoints" / "step-00000002" / "model").values())
 
 
+def test_nonfinite_weight_count_by_hand():
+    """NaN and -inf tensors count; a finite tensor whose sum overflows fp32 (2 x 3e38) does not; empty ones not."""
+    from common.guard import nonfinite_tensors
+
+    t = [torch.ones(3), torch.tensor([1.0, float("nan")]), torch.tensor([3e38, 3e38]), torch.tensor([-float("inf")]),
+         torch.empty(0), torch.tensor([1.0, float("inf")]).bfloat16()]
+    assert nonfinite_tensors(t) == 3 and nonfinite_tensors(t[2:3]) == 0
+
+
 def test_ppo_model_kinds_and_nan_message(world, tmp_path, monkeypatch):
     """PPO refuses a causal LM as its reward model or value init (a random head would score noise), and its NaN
     message names the checkpoint that exists."""
