@@ -627,19 +627,23 @@ def test_two_runs_into_one_folder(world, tmp_path):
     nothing; the first finishes unharmed. A kill -9 of the owner frees the folder: the next start says it took the
     lock over and resumes."""
     out = tmp_path / "run"
-    values = sft_values(world, out, max_steps=30, save_every=5, micro_batch_size_per_rank=1)
+    values = sft_values(world, out, max_steps=12, save_every=4, micro_batch_size_per_rank=1)
     first = subprocess.Popen([sys.executable, str(REPO / "align" / "sft.py"), *cli(values)], env=ENV, cwd=REPO,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     owner = _wait_for_owner(out)
     assert owner == first.pid
-    config = (out / "config.yaml").read_text()
-    second = launch("align/sft.py", values | {"lr": 5e-4})
+    first.send_signal(signal.SIGSTOP)  # live but paused: the second start cannot race past its end
+    try:
+        config = (out / "config.yaml").read_text()
+        second = launch("align/sft.py", values | {"lr": 5e-4})
+    finally:
+        first.send_signal(signal.SIGCONT)
     assert second.returncode == 2 and last_line(second.stderr).startswith(
         f"run error: {out} is in use by another run: pid {first.pid} on host "), second.stderr[-2000:]
     assert (out / "config.yaml").read_text() == config
     _, err = first.communicate(timeout=600)
     assert first.returncode == 0, err[-3000:]
-    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == list(range(1, 31))
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == list(range(1, 13))
     assert json.loads((out / "run.json").read_text())["status"] == "finished"
 
     out2 = tmp_path / "run2"
