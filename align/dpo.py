@@ -28,7 +28,8 @@ import torch
 
 from align.dpo_losses import chosen_nll_loss, conservative_dpo_loss, ipo_loss, sigmoid_dpo_loss
 from align.models import LORA_TARGETS, build_base_model, build_model, save_model
-from common.config import ConfigError, cfg, parse_config, save_config
+from common.config import ConfigError, cfg
+from common.run import RUN_CONTROL, run_main
 from data.tokenizer import load_tokenizer
 
 LOSS_TYPES = ("sigmoid", "conservative", "ipo")
@@ -83,10 +84,15 @@ class DPOConfig:
     output_dir: str = cfg("runs/dpo", "checkpoints, metrics.jsonl, tb/, curves.png and the final model go here")
     save_every: int = cfg(0, "checkpoint every this many steps; 0 = only at the end")
     keep_last: int = cfg(1, "complete checkpoints kept")
-    resume: bool = cfg(True, "continue from the latest checkpoint in output_dir if there is one")
+    resume: bool = cfg(True, "continue the run in output_dir from its latest checkpoint (the config must match); "
+                             "false: start a new run (refused if output_dir holds one)")
+    overwrite_output_dir: bool = cfg(False, "with resume false: delete the run already in output_dir first")
     stop_at_step: Optional[int] = cfg(None, "checkpoint and stop after this step (time-limited jobs)")
     log_every: int = cfg(1, "log metrics every this many steps")
     seed: int = cfg(0, "seed for the data order, model init and dropout")
+
+    # fields that may change when a run is resumed (they only decide when to save, log or stop)
+    RESUME_MAY_CHANGE = RUN_CONTROL
 
     def validate(self):
         if (self.model_path is None) == (self.init_config is None):
@@ -279,12 +285,13 @@ def train(c: DPOConfig) -> list[float]:
 
     from common.guard import check_finite
     from common.loop import (begin_run, full_weights, mini_batch_rows, rank_micro_batches, restore_run_state,
-                             save_run_checkpoint, steps_per_epoch)
-    from common.metrics import MetricsLogger, plot_metrics
+                             steps_per_epoch)
+    from common.metrics import plot_metrics
     from common.optim import build_adamw, warmup_cosine
 
-    # 1. accelerator, seed, resume point
-    acc, out, W, rank, ckpt_root, resume_dir = begin_run(c)
+    # 1. accelerator, run folder (lock, run id, config check, resume point), seed
+    acc, run = begin_run(c, "dpo")
+    out, W, rank, resume_dir = run.out, acc.num_processes, acc.process_index, run.resume_dir
 
     # 2. tokenizer and pairs (every rank builds the same list; the batch plan picks each rank's share)
     tokenizer = load_tokenizer(c.tokenizer)
@@ -317,17 +324,16 @@ def train(c: DPOConfig) -> list[float]:
     cache, ref_fn = setup_reference(c, acc, policy, pairs, pad_id, state.get("ref_logps"), start > 0)
 
     if acc.is_main_process:
-        save_config(c, out / "config.yaml")
         print(f"[dpo] {report}\n[dpo] {len(pairs)} pairs, mini batch {mini}, steps {start}->{total}, ranks {W}, "
               f"loss {c.loss_type} beta {c.beta}, reference {c.reference}{' (LoRA: adapter disabled)' * is_lora}, "
               f"precision {acc.mixed_precision}, resume from {resume_dir}", flush=True)
-    log = MetricsLogger(out, enabled=acc.is_main_process, resume_step=start if resume_dir else None)
+    log = run.metrics()  # resuming: cut back to the rows logged before the checkpoint
     stop = min(total, c.stop_at_step or total)
-    losses, last_ckpt = [], resume_dir
+    losses = []
 
     def checkpoint(step):
-        return save_run_checkpoint(acc, ckpt_root, step, lambda d: save_model(policy.lm, d, tokenizer), optimizer,
-                                   scheduler, {"step": step, "n_pairs": len(pairs), "ref_logps": cache}, c.keep_last)
+        return run.save(acc, step, lambda d: save_model(policy.lm, d, tokenizer), optimizer, scheduler,
+                        {"step": step, "n_pairs": len(pairs), "ref_logps": cache}, c.keep_last)
 
     # 6. train
     bar = tqdm(total=total, initial=start, desc="dpo", disable=not acc.is_main_process, dynamic_ncols=True)
@@ -347,11 +353,12 @@ def train(c: DPOConfig) -> list[float]:
         loss = dpo_loss + c.sft_coef * nll
 
         # 7. NaN guard, clip, step, log, checkpoint
-        check_finite(step + 1, {"loss": loss}, last_ckpt)
+        check_finite(step + 1, {"loss": loss}, run.last_ckpt)
         grad_norm = acc.clip_grad_norm_(model.parameters(), c.grad_clip if c.grad_clip > 0 else math.inf)
-        check_finite(step + 1, {"grad_norm": grad_norm}, last_ckpt)
+        check_finite(step + 1, {"grad_norm": grad_norm}, run.last_ckpt)
         lr = scheduler.get_last_lr()[0]
         optimizer.step(), scheduler.step(), optimizer.zero_grad(set_to_none=True)
+        run.check_weights(acc, step + 1, optimizer)
         losses.append(loss)
         if (step + 1) % c.log_every == 0 or step + 1 == stop:
             log.log(step + 1, {"loss": loss, "dpo_loss": dpo_loss, "chosen_nll": nll, "accuracy": acc_val,
@@ -360,23 +367,25 @@ def train(c: DPOConfig) -> list[float]:
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc_val:.2f}", margin=f"{margin:.3f}")
         if (c.save_every and (step + 1) % c.save_every == 0) or step + 1 == stop:
-            last_ckpt = checkpoint(step + 1) or last_ckpt
+            checkpoint(step + 1)
     bar.close()
 
     # 8. final HF model (LoRA merged) and the curves
     if stop == total:
         with full_weights(acc):  # ZeRO-3: every rank gathers the weights, the main process writes them
             if acc.is_main_process:
-                save_model(policy.lm, out / "final", tokenizer, merge=True)
-                plot_metrics(out / "metrics.jsonl", out / "curves.png", ["loss", "accuracy", "margin"], title="DPO")
+                with run.writing("the final model"):
+                    save_model(policy.lm, out / "final", tokenizer, merge=True)
+                    plot_metrics(out / "metrics.jsonl", out / "curves.png", ["loss", "accuracy", "margin"],
+                                 title="DPO")
                 print(f"[dpo] done: final model in {out / 'final'}, curves in {out / 'curves.png'}", flush=True)
     log.close()
-    acc.wait_for_everyone()
+    run.end(acc, finished=stop == total)  # waits for every rank; marks the run finished, frees the folder
     return losses
 
 
 def main(argv: list[str] | None = None) -> None:
-    train(parse_config(DPOConfig, argv))
+    run_main(DPOConfig, train, argv)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,8 @@ from align.ppo_losses import (AdaptiveKLController, FixedKLController, RunningMe
 from align.experience import (gather_rows, heldout_loss, label_count, lm_loss, response_logprobs, reward_sequences,
                               rollout_tensors, stop_ids)
 from align.models import LORA_TARGETS, save_model, with_lora
-from common.config import ConfigError, cfg, parse_config, save_config
+from common.config import ConfigError, cfg
+from common.run import RUN_CONTROL, run_main
 
 DEMO_DIR = Path(__file__).resolve().parents[1] / "data" / "demo"
 
@@ -104,9 +105,14 @@ class PPOConfig:
     tax_every: int = cfg(10, "measure the alignment tax every this many steps (also before and after)")
     save_every: int = cfg(0, "checkpoint every this many steps; 0 = only at the end")
     keep_last: int = cfg(1, "complete checkpoints kept")
-    resume: bool = cfg(True, "continue from the latest checkpoint in output_dir if there is one")
+    resume: bool = cfg(True, "continue the run in output_dir from its latest checkpoint (the config must match); "
+                             "false: start a new run (refused if output_dir holds one)")
+    overwrite_output_dir: bool = cfg(False, "with resume false: delete the run already in output_dir first")
     stop_at_step: Optional[int] = cfg(None, "checkpoint and stop after this step (time-limited jobs)")
     seed: int = cfg(0, "seed for prompt order, sampling and mini-batch order")
+
+    # fields that may change when a run is resumed (when to save, stop or measure the alignment tax)
+    RESUME_MAY_CHANGE = RUN_CONTROL + ("tax_every",)
 
     def validate(self):
         choices = {"engine": ("builtin", "vllm"), "kl_estimator": ("k1", "k3"),
@@ -208,6 +214,10 @@ class OptimizerPair:
     def load_state_dict(self, state):
         self.policy.load_state_dict(state["policy"]), self.value.load_state_dict(state["value"])
 
+    @property
+    def param_groups(self):  # what the NaN guard checks after a step
+        return self.policy.param_groups + self.value.param_groups
+
 
 def load_data(c: PPOConfig, tok):
     from data.datasets import build_prompt_examples, build_text_examples, load_records
@@ -286,6 +296,7 @@ class Run:
     true_reward: bool
     tax_start: float | None = None
     value_emb_grad: object = None  # common.optim.SparseEmbeddingGrad of the value model (None: dense gradient)
+    folder: object = None  # common.run.RunDir: the output folder's run (lock, checkpoints, metrics)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -415,7 +426,7 @@ def ppo_update(run: Run, exp: dict, step: int) -> dict:
                                                      c.clip, total=n_tok)
                         loss = loss + pl
                         add |= {"policy_loss": pl.item(), **{k2: x.item() for k2, x in pstats.items()}}
-                check_finite(step + 1, {"loss": loss})
+                check_finite(step + 1, {"loss": loss}, run.folder.last_ckpt)
                 loss.backward()
                 for k2, x in add.items():
                     stats[k2] += x
@@ -445,27 +456,33 @@ def optimizer_steps(run: Run, warmup: bool, step: int) -> dict:
     out = {"value_grad_norm": float(torch.nn.utils.clip_grad_norm_(run.value.parameters(), clip))}
     if not warmup:
         out["policy_grad_norm"] = float(torch.nn.utils.clip_grad_norm_(run.policy.parameters(), clip))
-    check_finite(step + 1, out)
+    check_finite(step + 1, out, run.folder.last_ckpt)
     run.opt.value.step(), run.opt.value.zero_grad(set_to_none=True)
     if not warmup:
         run.opt.policy.step()
     run.opt.policy.zero_grad(set_to_none=True)
+    run.folder.check_weights(run.acc, step + 1, run.opt)
     return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
 def setup(c: PPOConfig) -> tuple[Run, int, Path | None]:
-    """Accelerator, seeds, tokenizers (mismatch check), data, the four models, engine, optimizers, resume state."""
+    """Accelerator, run folder (lock, run id, config check, resume point), seeds, tokenizers (mismatch check), data,
+    the four models, engine, optimizers, resume state."""
     import random
 
     import numpy as np
 
-    from common.checkpoint import latest_checkpoint, load_checkpoint_state, set_rng_state
-    from common.loop import make_accelerator
+    from common.loop import make_accelerator, restore_run_state
     from common.optim import SparseEmbeddingGrad, build_adamw
+    from common.run import open_run
     from data.chatml import REWARD_TOKEN, special_id
+    from model.heads import check_scalar_head_folder
 
     check_inputs(c)
+    check_scalar_head_folder(c.reward_path, "reward_path")
+    if c.value_path is not None:
+        check_scalar_head_folder(c.value_path, "value_path")
     acc = make_accelerator(c.precision, 1, c.micro_batch_size)
     W = acc.num_processes
     if acc.distributed_type.value == "DEEPSPEED":
@@ -475,7 +492,8 @@ def setup(c: PPOConfig) -> tuple[Run, int, Path | None]:
     if c.rollout_batch_prompts % W or (n_resp // c.num_mini_batches) % W:
         raise ConfigError(f"with {W} processes, rollout_batch_prompts ({c.rollout_batch_prompts}) and the mini batch "
                           f"({n_resp // c.num_mini_batches} responses) must both be multiples of {W}")
-    resume_dir = latest_checkpoint(Path(c.output_dir) / "checkpoints") if c.resume else None
+    folder = open_run(acc, c, "ppo")
+    resume_dir = folder.resume_dir
     random.seed(c.seed), np.random.seed(c.seed), torch.manual_seed(c.seed)
     tok, rtok = folder_tokenizer(c.tokenizer, c.policy_path), folder_tokenizer(c.reward_tokenizer, c.reward_path)
     same = tokenizers_match(c, tok, rtok)
@@ -492,23 +510,14 @@ def setup(c: PPOConfig) -> tuple[Run, int, Path | None]:
     run = Run(c, acc, policy, ref, reward, value, opt, build_engine(c, policy, pad(tok)), tok, rtok, same, pad(tok),
               pad(rtok), special_id(rtok, REWARD_TOKEN), stop_ids(tok, rtok if same else None),
               prompts, ptx, heldout, kl_ctl, RunningMeanStd(), use_true_reward(c),
-              value_emb_grad=SparseEmbeddingGrad(value.get_input_embeddings()))  # exact; rows touched only
+              value_emb_grad=SparseEmbeddingGrad(value.get_input_embeddings()),  # exact; rows touched only
+              folder=folder)
     start = 0
     if resume_dir is not None:  # exact resume: weights above, then optimizers, statistics and RNG state
-        state = load_checkpoint_state(resume_dir)
-        opt.load_state_dict(state["optimizer"])
-        ts = state["train_state"]
-        if ts["n_prompts"] != len(prompts):
-            raise ValueError(f"{resume_dir}: saved with {ts['n_prompts']} prompts, the data now gives "
-                             f"{len(prompts)}; resume with the same data or use a new output_dir")
+        ts = restore_run_state(acc, resume_dir, opt, None, "n_prompts", len(prompts))
         start, run.tax_start = ts["step"], ts["tax_start"]
         kl_ctl.load_state_dict(ts["kl_ctl"]), run.reward_stats.load_state_dict(ts["reward_stats"])
-        if len(state["rng_states"]) != W:
-            raise ValueError(f"{resume_dir}: saved by {len(state['rng_states'])} processes, resuming with {W}; "
-                             f"resume with the same number of processes")
-        set_rng_state(state["rng_states"][acc.process_index])
     if acc.is_main_process:
-        save_config(c, Path(c.output_dir) / "config.yaml")
         print(f"[ppo] {report}\n[ppo] {len(prompts)} prompts, {len(ptx)} ptx rows, {len(heldout)} held-out rows, "
               f"{n_resp} responses/step over {W} process(es), steps {start}->{c.max_steps}, "
               f"engine {c.engine}, tokenizers {'equal' if same else 'differ: re-tokenising'}, resume from "
@@ -517,26 +526,23 @@ def setup(c: PPOConfig) -> tuple[Run, int, Path | None]:
 
 
 def checkpoint(run: Run, step: int):
-    from common.loop import save_run_checkpoint
-
     def write_models(d: Path):
         save_model(run.policy, d, run.tok)  # LoRA: the adapter
         run.value.save_pretrained(d.parent / "value")  # inside the same atomic checkpoint folder
     state = {"step": step, "n_prompts": len(run.prompts), "tax_start": run.tax_start,
              "kl_ctl": run.kl_ctl.state_dict(), "reward_stats": run.reward_stats.state_dict()}
-    return save_run_checkpoint(run.acc, Path(run.c.output_dir) / "checkpoints", step, write_models, run.opt, None,
-                               state, run.c.keep_last)
+    return run.folder.save(run.acc, step, write_models, run.opt, None, state, run.c.keep_last)
 
 
 def train(c: PPOConfig) -> list[dict]:
     """Run PPO as configured; returns the metrics of the steps run by this call."""
     from tqdm.auto import tqdm
 
-    from common.metrics import MetricsLogger, plot_metrics
+    from common.metrics import plot_metrics, read_jsonl
 
     run, start, resume_dir = setup(c)
     out = Path(c.output_dir)
-    log = MetricsLogger(out, enabled=run.acc.is_main_process, resume_step=start if resume_dir else None)
+    log = run.folder.metrics()  # resuming: cut back to the rows logged before the checkpoint
     tax = lambda: heldout_loss(run.policy, run.heldout_rows, run.pad_id, c.chunk_size, acc=run.acc)  # noqa: E731
     if run.heldout_rows and run.tax_start is None:  # the alignment tax before PPO
         run.tax_start = tax()
@@ -572,17 +578,20 @@ def train(c: PPOConfig) -> list[dict]:
             checkpoint(run, step + 1)
     bar.close()
     if stop == c.max_steps and run.acc.is_main_process:
-        save_model(run.policy, out / "final", run.tok, merge=True)  # LoRA: merged into the SFT weights
-        keys = [k for k in ("true_reward", "rm_score", "kl_k1", "kl_coef", "value_loss", "policy_loss", "entropy",
-                            "response_length", "alignment_tax") if any(k in r for r in history)]
-        plot_metrics(out / "metrics.jsonl", out / "ppo.png", keys, title="PPO")
+        with run.folder.writing("the final policy"):
+            save_model(run.policy, out / "final", run.tok, merge=True)  # LoRA: merged into the SFT weights
+            rows = read_jsonl(out / "metrics.jsonl")  # the whole run's, resumed or not
+            keys = [k for k in ("true_reward", "rm_score", "kl_k1", "kl_coef", "value_loss", "policy_loss",
+                                "entropy", "response_length", "alignment_tax") if any(k in r for r in rows)]
+            plot_metrics(out / "metrics.jsonl", out / "ppo.png", keys, title="PPO")
         print(f"[ppo] done: policy in {out / 'final'}, curves in {out / 'ppo.png'}", flush=True)
     log.close()
+    run.folder.end(run.acc, finished=stop == c.max_steps)  # waits for every rank; marks the run finished
     return history
 
 
 def main(argv: list[str] | None = None) -> None:
-    train(parse_config(PPOConfig, argv))
+    run_main(PPOConfig, train, argv)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ from typing import Optional
 import torch
 
 from align.models import LORA_TARGETS, build_model, save_model
-from common.config import ConfigError, cfg, parse_config, save_config
+from common.config import ConfigError, cfg
+from common.run import RUN_CONTROL, run_main
 from data.tokenizer import load_tokenizer  # noqa: F401  (also used by tests)
 
 
@@ -68,10 +69,15 @@ class SFTConfig:
     output_dir: str = cfg("runs/sft", "checkpoints, metrics.jsonl, tb/, loss.png and the final model go here")
     save_every: int = cfg(0, "checkpoint every this many steps; 0 = only at the end")
     keep_last: int = cfg(1, "complete checkpoints kept")
-    resume: bool = cfg(True, "continue from the latest checkpoint in output_dir if there is one")
+    resume: bool = cfg(True, "continue the run in output_dir from its latest checkpoint (the config must match); "
+                             "false: start a new run (refused if output_dir holds one)")
+    overwrite_output_dir: bool = cfg(False, "with resume false: delete the run already in output_dir first")
     stop_at_step: Optional[int] = cfg(None, "checkpoint and stop after this step; the LR schedule still spans max_steps")
     log_every: int = cfg(1, "log metrics every this many steps")
     seed: int = cfg(0, "seed for data order, model init and dropout")
+
+    # fields that may change when a run is resumed (they only decide when to save, log or stop)
+    RESUME_MAY_CHANGE = RUN_CONTROL
 
     def validate(self):
         if (self.model_path is None) == (self.init_config is None):
@@ -176,13 +182,14 @@ def train(c: SFTConfig) -> list[float]:
 
     from common.guard import check_finite
     from common.loop import (begin_run, full_weights, mini_batch_rows, rank_micro_batches, restore_run_state,
-                             save_run_checkpoint, steps_per_epoch)
-    from common.metrics import MetricsLogger, plot_metrics
+                             steps_per_epoch)
+    from common.metrics import plot_metrics
     from common.optim import build_adamw, warmup_cosine
     from data.datasets import collate
 
-    # 1. accelerator, seed, resume point
-    acc, out, W, rank, ckpt_root, resume_dir = begin_run(c)
+    # 1. accelerator, run folder (lock, run id, config check, resume point), seed
+    acc, run = begin_run(c, "sft")
+    out, W, rank, resume_dir = run.out, acc.num_processes, acc.process_index, run.resume_dir
 
     # 2. tokenizer and rows (every rank builds the same rows; the batch plan picks each rank's share)
     tokenizer = load_tokenizer(c.tokenizer)
@@ -211,18 +218,17 @@ def train(c: SFTConfig) -> list[float]:
         state = restore_run_state(acc, resume_dir, optimizer, scheduler, "n_rows", len(rows))
         start = state["step"]
     if acc.is_main_process:
-        save_config(c, out / "config.yaml")
         print(f"[sft] {report}\n[sft] {len(rows)} rows, mini batch {mini}, steps {start}->{total}, ranks {W}, "
               f"precision {acc.mixed_precision}, {acc.distributed_type.value}, resume from {resume_dir}", flush=True)
-    log = MetricsLogger(out, enabled=acc.is_main_process, resume_step=start if resume_dir else None)
+    log = run.metrics()  # resuming: cut back to the rows logged before the checkpoint
     stop = min(total, c.stop_at_step or total)
-    losses, last_ckpt = [], resume_dir
+    losses = []
 
     def checkpoint(step):
         def write_model(d):
             save_model(acc.unwrap_model(model).lm, d, tokenizer)
-        return save_run_checkpoint(acc, ckpt_root, step, write_model, optimizer, scheduler,
-                                   {"step": step, "n_rows": len(rows)}, c.keep_last)
+        return run.save(acc, step, write_model, optimizer, scheduler, {"step": step, "n_rows": len(rows)},
+                        c.keep_last)
 
     # 5. train
     bar = tqdm(total=total, initial=start, desc="sft", disable=not acc.is_main_process, dynamic_ncols=True)
@@ -246,12 +252,13 @@ def train(c: SFTConfig) -> list[float]:
         loss = float(stats[0]) / max(n_tok, 1)
 
         # 6. NaN guard, clip, step, log, checkpoint
-        check_finite(step + 1, {"loss": loss}, last_ckpt)
+        check_finite(step + 1, {"loss": loss}, run.last_ckpt)
         grad_norm = acc.clip_grad_norm_(model.parameters(), c.grad_clip if c.grad_clip > 0 else math.inf)
         if grad_norm is not None:  # None under DeepSpeed before its first step (it clips internally)
-            check_finite(step + 1, {"grad_norm": grad_norm}, last_ckpt)
+            check_finite(step + 1, {"grad_norm": grad_norm}, run.last_ckpt)
         lr = scheduler.get_last_lr()[0]
         optimizer.step(), scheduler.step(), optimizer.zero_grad(set_to_none=True)
+        run.check_weights(acc, step + 1, optimizer)
         losses.append(loss)
         dt = time.perf_counter() - t0
         if (step + 1) % c.log_every == 0 or step + 1 == stop:
@@ -261,27 +268,24 @@ def train(c: SFTConfig) -> list[float]:
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
         if (c.save_every and (step + 1) % c.save_every == 0) or step + 1 == stop:
-            last_ckpt = checkpoint(step + 1) or last_ckpt
+            checkpoint(step + 1)
     bar.close()
 
     # 7. final HF model (LoRA merged) and the loss curve
     if stop == total:
         with full_weights(acc):  # ZeRO-3: every rank gathers the weights, the main process writes them
             if acc.is_main_process:
-                save_model(acc.unwrap_model(model).lm, out / "final", tokenizer, merge=True)
-                plot_metrics(out / "metrics.jsonl", out / "loss.png", ["loss", "lr"], title="SFT")
+                with run.writing("the final model"):
+                    save_model(acc.unwrap_model(model).lm, out / "final", tokenizer, merge=True)
+                    plot_metrics(out / "metrics.jsonl", out / "loss.png", ["loss", "lr"], title="SFT")
                 print(f"[sft] done: final model in {out / 'final'}, loss curve in {out / 'loss.png'}", flush=True)
     log.close()
-    acc.wait_for_everyone()
+    run.end(acc, finished=stop == total)  # waits for every rank; marks the run finished, frees the folder
     return losses
 
 
 def main(argv: list[str] | None = None) -> None:
-    try:
-        config = parse_config(SFTConfig, argv)
-    except ConfigError as e:
-        raise SystemExit(f"config error: {e}") from None
-    train(config)
+    run_main(SFTConfig, train, argv)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@ from typing import Optional
 
 import torch
 
-from common.config import ConfigError, cfg, parse_config, save_config
+from common.config import ConfigError, cfg
+from common.run import RUN_CONTROL, run_main
 from reward.losses import pairwise_loss
 from reward.model import (STATS_FILE, add_reward_token, fit_embeddings, load_reward_model, load_tokenizer,
                           normalisation_stats, pair_batch, reward_token_id, score, score_pairs)
@@ -71,10 +72,15 @@ class RewardConfig:
     eval_batch_size: int = cfg(8, "pairs per forward when evaluating")
     save_every: int = cfg(0, "checkpoint every this many steps; 0 = only at the end")
     keep_last: int = cfg(1, "complete checkpoints kept")
-    resume: bool = cfg(True, "continue from the latest checkpoint in output_dir if there is one")
+    resume: bool = cfg(True, "continue the run in output_dir from its latest checkpoint (the config must match); "
+                             "false: start a new run (refused if output_dir holds one)")
+    overwrite_output_dir: bool = cfg(False, "with resume false: delete the run already in output_dir first")
     stop_at_step: Optional[int] = cfg(None, "checkpoint and stop after this step (time-limited jobs)")
     log_every: int = cfg(1, "log metrics every this many steps")
     seed: int = cfg(0, "seed for the data order and dropout")
+
+    # fields that may change when a run is resumed (when to save, log, evaluate midway or stop)
+    RESUME_MAY_CHANGE = RUN_CONTROL + ("eval_every",)
 
     def validate(self):
         if not self.model_path:
@@ -133,13 +139,12 @@ def train(c: RewardConfig) -> list[float]:
     from tqdm.auto import tqdm
 
     from common.guard import check_finite
-    from common.loop import (begin_run, mini_batch_rows, rank_micro_batches, restore_run_state,
-                             save_run_checkpoint, steps_per_epoch)
-    from common.metrics import MetricsLogger
+    from common.loop import begin_run, mini_batch_rows, rank_micro_batches, restore_run_state, steps_per_epoch
     from common.optim import SparseEmbeddingGrad, build_adamw, constant_with_warmup
 
-    # 1. accelerator, seed, resume point
-    acc, out, W, rank, ckpt_root, resume_dir = begin_run(c)
+    # 1. accelerator, run folder (lock, run id, config check, resume point), seed
+    acc, run = begin_run(c, "reward")
+    out, W, rank, resume_dir = run.out, acc.num_processes, acc.process_index, run.resume_dir
 
     # 2. tokenizer and pairs (every rank builds the same list; the batch plan picks each rank's share)
     tokenizer = load_tokenizer(c.tokenizer)
@@ -176,21 +181,20 @@ def train(c: RewardConfig) -> list[float]:
         state = restore_run_state(acc, resume_dir, optimizer, scheduler, "n_pairs", len(pairs))
         start = state["step"]
     if acc.is_main_process:
-        save_config(c, out / "config.yaml")
         if vocab_note:
             print(f"[reward] {vocab_note}", flush=True)
         print(f"[reward] {report}\n[reward] eval: {eval_report or 'none'}\n[reward] {len(pairs)} pairs, mini batch "
               f"{mini}, steps {start}->{total}, ranks {W}, precision {acc.mixed_precision}, resume from "
               f"{resume_dir}, model {c.model_path}", flush=True)
-    log = MetricsLogger(out, enabled=acc.is_main_process, resume_step=start if resume_dir else None)
+    log = run.metrics()  # resuming: cut back to the rows logged before the checkpoint (a final eval row too)
     stop = min(total, c.stop_at_step or total)
-    losses, last_ckpt = [], resume_dir
+    losses = []
 
     def checkpoint(step):
         def write_model(d):
             save_reward_model(acc.unwrap_model(model), d, tokenizer)
-        return save_run_checkpoint(acc, ckpt_root, step, write_model, optimizer, scheduler,
-                                   {"step": step, "n_pairs": len(pairs)}, c.keep_last)
+        return run.save(acc, step, write_model, optimizer, scheduler, {"step": step, "n_pairs": len(pairs)},
+                        c.keep_last)
 
     def run_eval(step):
         if eval_pairs:
@@ -219,14 +223,15 @@ def train(c: RewardConfig) -> list[float]:
         loss_val, acc_val, margin_val = (sums[:3] / mini).tolist()
 
         # 6. NaN guard, clip, step, log, checkpoint
-        check_finite(step + 1, {"loss": loss_val}, last_ckpt)
+        check_finite(step + 1, {"loss": loss_val}, run.last_ckpt)
         if emb_grad is not None:
             emb_grad.densify()
         grad_norm = acc.clip_grad_norm_(model.parameters(), c.grad_clip if c.grad_clip > 0 else math.inf)
         if grad_norm is not None:  # None under DeepSpeed before its first step (it clips internally)
-            check_finite(step + 1, {"grad_norm": grad_norm}, last_ckpt)
+            check_finite(step + 1, {"grad_norm": grad_norm}, run.last_ckpt)
         lr = scheduler.get_last_lr()[0]
         optimizer.step(), scheduler.step(), optimizer.zero_grad(set_to_none=True)
+        run.check_weights(acc, step + 1, optimizer)
         losses.append(loss_val)
         if (step + 1) % c.log_every == 0 or step + 1 == stop:
             tps = float(sums[3]) / (time.perf_counter() - t0)
@@ -238,16 +243,16 @@ def train(c: RewardConfig) -> list[float]:
         bar.update(1)
         bar.set_postfix(loss=f"{loss_val:.4f}", acc=f"{acc_val:.2f}")
         if (c.save_every and (step + 1) % c.save_every == 0) or step + 1 == stop:
-            last_ckpt = checkpoint(step + 1) or last_ckpt
+            checkpoint(step + 1)
     bar.close()
     if stop == total:
-        finish(c, acc, model, tokenizer, eval_pairs, pad_id, reward_id, log, total, out, run_eval)
+        finish(c, acc, run, model, tokenizer, eval_pairs, pad_id, reward_id, total, out, run_eval)
     log.close()
-    acc.wait_for_everyone()
+    run.end(acc, finished=stop == total)  # waits for every rank; marks the run finished, frees the folder
     return losses
 
 
-def finish(c, acc, model, tokenizer, eval_pairs, pad_id, reward_id, log, total, out, run_eval) -> None:
+def finish(c, acc, run, model, tokenizer, eval_pairs, pad_id, reward_id, total, out, run_eval) -> None:
     """7. final eval, normalisation stats on the reference set, final model folder with reward_stats.json, curves."""
     from common.loop import full_weights
     from common.metrics import plot_metrics
@@ -260,20 +265,18 @@ def finish(c, acc, model, tokenizer, eval_pairs, pad_id, reward_id, log, total, 
     stats = normalisation_stats(torch.cat([rc, rr])) | {"source": c.norm_files or c.eval_files}
     with full_weights(acc):  # ZeRO-3: every rank gathers the weights, the main process writes them
         if acc.is_main_process:
-            save_reward_model(net, out / "final", tokenizer, stats)
+            with run.writing("the final model"):
+                save_reward_model(net, out / "final", tokenizer, stats)
     if acc.is_main_process:
         keys = ["loss", "accuracy"] + (["eval_accuracy"] if eval_pairs else [])
-        plot_metrics(out / "metrics.jsonl", out / "curves.png", keys, title=f"reward model: {out.name}")
+        with run.writing("the curves"):
+            plot_metrics(out / "metrics.jsonl", out / "curves.png", keys, title=f"reward model: {out.name}")
         print(f"[reward] done: model in {out / 'final'} (score mean {stats['mean']:.4f}, std {stats['std']:.4f}), "
               f"curves in {out / 'curves.png'}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
-    try:
-        config = parse_config(RewardConfig, argv)
-    except ConfigError as e:
-        raise SystemExit(f"config error: {e}") from None
-    train(config)
+    run_main(RewardConfig, train, argv)
 
 
 if __name__ == "__main__":
