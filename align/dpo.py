@@ -17,7 +17,6 @@ output layer: the prompt tokens' logits are never computed (PITFALLS 9).
 
 from __future__ import annotations
 
-import contextlib
 import math
 import sys
 import time
@@ -28,6 +27,7 @@ import torch
 
 from align.dpo_losses import chosen_nll_loss, conservative_dpo_loss, ipo_loss, sigmoid_dpo_loss
 from align.models import LORA_TARGETS, build_base_model, build_model, save_model
+from align.sequences import SequenceLogprobs, reference_mode, score_sequences, sequence_batch
 from common.config import ConfigError, cfg
 from common.run import RUN_CONTROL, run_main
 from data.tokenizer import load_tokenizer
@@ -129,84 +129,16 @@ class DPOConfig:
 # ----------------------------------------------------------------------------------------------------------------
 # Pieces used by the loop.
 
-class SequenceLogprobs(torch.nn.Module):
-    """Summed response log-probs (N,) of N padded sequences; forward holds the whole computation so DDP wraps it.
-
-    Only positions with a label (the response tokens) go through the output layer: with a 151,936-wide vocabulary
-    the head is most of the step, and the prompt's next-token log-probs are not needed for DPO."""
-
-    def __init__(self, lm: torch.nn.Module, chunk_size: int):
-        super().__init__()
-        self.lm, self.chunk_size = lm, chunk_size
-
-    def forward(self, input_ids, labels, attention_mask, position_ids):  # each (N, T)
-        from data.chatml import IGNORE_INDEX
-        from model.logprobs import token_logprobs
-
-        out = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
-        hidden = out if isinstance(out, torch.Tensor) else out.last_hidden_state  # (N, T, H)
-        valid = labels != IGNORE_INDEX  # (N, T)
-        logp = token_logprobs(hidden[valid], self.lm.get_output_embeddings().weight, labels[valid],
-                              chunk_size=self.chunk_size)  # (n,) for the n response tokens
-        row = valid.nonzero()[:, 0]  # (n,) sequence of each response token
-        return torch.zeros(labels.shape[0], dtype=logp.dtype, device=logp.device).index_add(0, row, logp)  # (N,)
-
-
 def pair_batch(pairs: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """B pairs -> one padded batch of 2B sequences [chosen_1..B, rejected_1..B], labels on the responses only."""
-    from data.chatml import shift_labels
-    from data.datasets import collate
-
-    rows = []
-    for key in ("chosen_ids", "rejected_ids"):
-        for p in pairs:
-            ids = p["prompt_ids"] + p[key]
-            mask = [0] * len(p["prompt_ids"]) + [1] * len(p[key])
-            rows.append({"input_ids": ids, "labels": shift_labels(ids, mask)})
-    return collate(rows, pad_id)  # input_ids, labels, attention_mask, position_ids: (2B, T)
-
-
-@contextlib.contextmanager
-def reference_mode(seqlogp: SequenceLogprobs, ref: SequenceLogprobs | None):
-    """Yields the reference as a SequenceLogprobs, in eval mode (no dropout) and without gradients.
-
-    ref None: the policy itself, with its LoRA adapter disabled if it has one (peft `disable_adapter`). Without an
-    adapter that is only a valid reference before the first optimizer step (the cache at the start of a run)."""
-    net = ref if ref is not None else seqlogp
-    was_training = net.training
-    adapter = seqlogp.lm.disable_adapter() if ref is None and hasattr(seqlogp.lm, "peft_config") else \
-        contextlib.nullcontext()
-    net.eval()
-    try:
-        with torch.no_grad(), adapter:
-            yield net
-    finally:
-        net.train(was_training)
+    return sequence_batch([(p["prompt_ids"], p[key]) for key in ("chosen_ids", "rejected_ids") for p in pairs], pad_id)
 
 
 def cache_reference(acc, seqlogp, ref, pairs: list[dict], pad_id: int, batch_size: int) -> torch.Tensor:
-    """Reference summed log-probs (N, 2) [chosen, rejected] of all pairs: each rank scores every W-th pair, then
-    the shares are gathered, so every rank holds the whole table."""
-    from accelerate.utils import gather_object
-    from tqdm.auto import tqdm
-
-    W, rank = acc.num_processes, acc.process_index
-    mine = list(range(rank, len(pairs), W))
-    largest = -(-len(pairs) // W)  # every rank runs as many forwards: under ZeRO-3 each one gathers the weights
-    out = torch.zeros(len(pairs), 2, dtype=torch.float32)
-    with reference_mode(seqlogp, ref) as net:
-        for s in tqdm(range(0, largest, batch_size), desc="reference log-probs", disable=not acc.is_main_process):
-            idx = mine[s:s + batch_size]
-            rows = idx or mine[:1] or [0]  # a rank with a shorter share scores a pair again and drops the result
-            batch = {k: v.to(acc.device) for k, v in pair_batch([pairs[i] for i in rows], pad_id).items()}
-            with acc.autocast():
-                logps = net(**batch).float().cpu()  # (2b,)
-            if idx:
-                out[idx] = torch.stack(logps.chunk(2), dim=1)
-    if W > 1:
-        for idx, row in gather_object([(i, out[i]) for i in mine]):
-            out[idx] = row
-    return out
+    """Reference summed log-probs (N, 2) [chosen, rejected] of all pairs, every rank holding the whole table
+    (align.sequences.score_sequences: each rank scores its share, then they are gathered)."""
+    seqs = [(p["prompt_ids"], p[key]) for p in pairs for key in ("chosen_ids", "rejected_ids")]  # pair i: 2i, 2i+1
+    return score_sequences(acc, seqlogp, ref, seqs, pad_id, 2 * batch_size).view(len(pairs), 2)
 
 
 def preference_loss(c: DPOConfig, pc, pr, rc, rr, n_chosen, n_rejected):

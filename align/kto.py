@@ -37,7 +37,8 @@ import torch
 from align.kto_losses import kl_reference_point, kto_loss, weight_advice
 from align.models import LORA_TARGETS, build_base_model, build_model, save_model
 from align.sequences import SequenceLogprobs, reference_mode, score_sequences, sequence_batch
-from common.config import ConfigError, cfg, parse_config, save_config
+from common.config import ConfigError, cfg
+from common.run import RUN_CONTROL, run_main
 from data.tokenizer import load_tokenizer
 
 
@@ -91,10 +92,15 @@ class KTOConfig:
     output_dir: str = cfg("runs/kto", "checkpoints, metrics.jsonl, tb/, curves.png and the final model go here")
     save_every: int = cfg(0, "checkpoint every this many steps; 0 = only at the end")
     keep_last: int = cfg(1, "complete checkpoints kept")
-    resume: bool = cfg(True, "continue from the latest checkpoint in output_dir if there is one")
+    resume: bool = cfg(True, "continue the run in output_dir from its latest checkpoint (the config must match); "
+                             "false: start a new run (refused if output_dir holds one)")
+    overwrite_output_dir: bool = cfg(False, "with resume false: delete the run already in output_dir first")
     stop_at_step: Optional[int] = cfg(None, "checkpoint and stop after this step (time-limited jobs)")
     log_every: int = cfg(1, "log metrics every this many steps")
     seed: int = cfg(0, "seed for the data order, model init and dropout")
+
+    # fields that may change when a run is resumed (they only decide when to save, log or stop)
+    RESUME_MAY_CHANGE = RUN_CONTROL
 
     def validate(self):
         if (self.model_path is None) == (self.init_config is None):
@@ -252,12 +258,13 @@ def train(c: KTOConfig) -> list[float]:
 
     from common.guard import check_finite
     from common.loop import (begin_run, full_weights, mini_batch_rows, rank_micro_batches, restore_run_state,
-                             save_run_checkpoint, steps_per_epoch)
-    from common.metrics import MetricsLogger, plot_metrics
+                             steps_per_epoch)
+    from common.metrics import plot_metrics
     from common.optim import build_adamw, warmup_cosine
 
-    # 1. accelerator, seed, resume point
-    acc, out, W, rank, ckpt_root, resume_dir = begin_run(c)
+    # 1. accelerator, run folder (lock, run id, config check, resume point), seed
+    acc, run = begin_run(c, "kto")
+    out, W, rank, resume_dir = run.out, acc.num_processes, acc.process_index, run.resume_dir
 
     # 2. tokenizer and rows (every rank builds the same list; the batch plan picks each rank's share)
     tokenizer = load_tokenizer(c.tokenizer)
@@ -296,20 +303,19 @@ def train(c: KTOConfig) -> list[float]:
     cache, ref_fn = setup_reference(c, acc, policy, rows, plan, total, pad_id, state.get("ref_logps"), start > 0)
 
     if acc.is_main_process:
-        save_config(c, out / "config.yaml")
         print(f"[kto] {report}\n[kto] {len(rows)} rows ({n_d} desirable, {len(rows) - n_d} undesirable), mini batch "
               f"{mini}, steps {start}->{total}, ranks {W}, beta {c.beta}, weights {c.desirable_weight}/"
               f"{c.undesirable_weight}, reference {c.reference}{' (LoRA: adapter disabled)' * is_lora}, "
               f"precision {acc.mixed_precision}, resume from {resume_dir}", flush=True)
         if advice:
             print(f"[kto] warning: {advice}", flush=True)
-    log = MetricsLogger(out, enabled=acc.is_main_process, resume_step=start if resume_dir else None)
+    log = run.metrics()  # resuming: cut back to the rows logged before the checkpoint
     stop = min(total, c.stop_at_step or total)
-    losses, last_ckpt = [], resume_dir
+    losses = []
 
     def checkpoint(step):
-        return save_run_checkpoint(acc, ckpt_root, step, lambda d: save_model(policy.lm, d, tokenizer), optimizer,
-                                   scheduler, {"step": step, "n_rows": len(rows), "ref_logps": cache}, c.keep_last)
+        return run.save(acc, step, lambda d: save_model(policy.lm, d, tokenizer), optimizer, scheduler,
+                        {"step": step, "n_rows": len(rows), "ref_logps": cache}, c.keep_last)
 
     # 6. train: z0 from the step's mismatched pairs, then the micro batches
     bar = tqdm(total=total, initial=start, desc="kto", disable=not acc.is_main_process, dynamic_ncols=True)
@@ -325,11 +331,12 @@ def train(c: KTOConfig) -> list[float]:
         m = log_values(acc.reduce(sums.to(acc.device), "sum").cpu(), mini)
 
         # 7. NaN guard, clip, step, log, checkpoint
-        check_finite(step + 1, {"loss": m["loss"]}, last_ckpt)
+        check_finite(step + 1, {"loss": m["loss"]}, run.last_ckpt)
         grad_norm = acc.clip_grad_norm_(model.parameters(), c.grad_clip if c.grad_clip > 0 else math.inf)
-        check_finite(step + 1, {"grad_norm": grad_norm}, last_ckpt)
+        check_finite(step + 1, {"grad_norm": grad_norm}, run.last_ckpt)
         lr = scheduler.get_last_lr()[0]
         optimizer.step(), scheduler.step(), optimizer.zero_grad(set_to_none=True)
+        run.check_weights(acc, step + 1, optimizer)
         losses.append(m["loss"])
         if (step + 1) % c.log_every == 0 or step + 1 == stop:
             log.log(step + 1, {**m, "kl": float(z0), "kl_raw": kl_raw, "lr": lr, "grad_norm": float(grad_norm),
@@ -337,23 +344,24 @@ def train(c: KTOConfig) -> list[float]:
         bar.update(1)
         bar.set_postfix(loss=f"{m['loss']:.4f}", kl=f"{float(z0):.3f}", margin=f"{m.get('margin', 0.0):.3f}")
         if (c.save_every and (step + 1) % c.save_every == 0) or step + 1 == stop:
-            last_ckpt = checkpoint(step + 1) or last_ckpt
+            checkpoint(step + 1)
     bar.close()
 
     # 8. final HF model (LoRA merged) and the curves
     if stop == total:
         with full_weights(acc):  # ZeRO-3: every rank gathers the weights, the main process writes them
             if acc.is_main_process:
-                save_model(policy.lm, out / "final", tokenizer, merge=True)
-                plot_metrics(out / "metrics.jsonl", out / "curves.png", ["loss", "margin", "kl"], title="KTO")
+                with run.writing("the final model"):
+                    save_model(policy.lm, out / "final", tokenizer, merge=True)
+                    plot_metrics(out / "metrics.jsonl", out / "curves.png", ["loss", "margin", "kl"], title="KTO")
                 print(f"[kto] done: final model in {out / 'final'}, curves in {out / 'curves.png'}", flush=True)
     log.close()
-    acc.wait_for_everyone()
+    run.end(acc, finished=stop == total)  # waits for every rank; marks the run finished, frees the folder
     return losses
 
 
 def main(argv: list[str] | None = None) -> None:
-    train(parse_config(KTOConfig, argv))
+    run_main(KTOConfig, train, argv)
 
 
 if __name__ == "__main__":

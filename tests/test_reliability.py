@@ -523,6 +523,10 @@ def trainer_values(kind: str, world: Path, out: Path) -> tuple[str, dict]:
         return "align/dpo.py", dict(init_config=str(world / "tiny.json"), tokenizer="small",
                                     train_files=[str(world / "pairs.jsonl")], seq_len=64, micro_batch_size_per_rank=2,
                                     grad_accum_steps=2, warmup_steps=1, lr=1e-3) | common
+    if kind == "kto":  # a preference file gives one thumbs-up and one thumbs-down row per pair
+        return "align/kto.py", dict(init_config=str(world / "tiny.json"), tokenizer="small",
+                                    train_files=[str(world / "pairs.jsonl")], seq_len=64, micro_batch_size_per_rank=2,
+                                    grad_accum_steps=2, warmup_steps=1, lr=1e-3) | common
     return "align/ppo.py", dict(policy_path=str(world / "policy"), reward_path=str(world / "reward"),
                                 prompt_files=[str(world / "prompts.jsonl")],
                                 pretrain_files=[str(world / "pretrain.jsonl")],
@@ -571,7 +575,7 @@ KILLS = ["atomic_dir:step-00000004",  # save window: checkpoint 4 written, not r
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["sft", "reward", "dpo", "ppo"])
+@pytest.mark.parametrize("kind", ["sft", "reward", "dpo", "kto", "ppo"])
 def test_kill_9_anywhere_then_resume_equals_uninterrupted(world, tmp_path, kind):
     """Each trainer, 8 steps: (a) killed at each named crash point in turn, resumed by the same command each time;
     (b) killed twice at random moments (seeded), resumed. Both end with metrics rows (timings aside) and final
