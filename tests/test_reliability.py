@@ -40,7 +40,7 @@ TINY = {"model_type": "qwen2", "vocab_size": 1000, "hidden_size": 64, "intermedi
         "tie_word_embeddings": True, "eos_token_id": 998, "pad_token_id": 996}
 WORDS = "apple banana cherry dog egg fish grape house ice jam kite lemon".split()
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-TIMING = ("time_", "tokens_per_s", "step_s", "pairs_per_s", "sync_share", "episodes_per_s")
+TIMING = ("time_", "tokens_per_s", "step_s", "pairs_per_s", "rows_per_s", "sync_share", "episodes_per_s")
 
 
 @pytest.fixture(scope="module")
