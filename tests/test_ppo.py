@@ -218,3 +218,21 @@ def test_two_ranks_give_the_same_steps_as_one_process(world, tmp_path):
         wa, wb = _weights(tmp_path / "one" / sub), _weights(tmp_path / "two" / sub)
         for k in wa:
             torch.testing.assert_close(wb[k], wa[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+def test_reward_sequences_render_the_prompts_tools(small_tok, qwen_tok):
+    """Tokenizers differ (re-tokenised path): a prompt with tools is rendered for the reward model with the same tool
+    list the policy's prompt had (data.datasets.build_prompt_examples keeps it), and without them it differs."""
+    from data.chatml import REWARD_TOKEN, special_id, tokenize_chat
+
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city.",
+                                               "parameters": {"type": "object", "properties": {
+                                                   "city": {"type": "string"}}, "required": ["city"]}}}]
+    msgs = [{"role": "user", "content": "Weather in Taipei?"}]
+    reply = small_tok("It is sunny.", add_special_tokens=False)["input_ids"]
+    got = experience.reward_sequences([[1]], [reply], [msgs], small_tok, qwen_tok, False, tools=[tools])
+    want = tokenize_chat(qwen_tok, msgs, mask="none", add_generation_prompt=True, tools=tools).input_ids
+    rid = special_id(qwen_tok, REWARD_TOKEN)
+    assert got == [want + qwen_tok("It is sunny.", add_special_tokens=False)["input_ids"] + [rid]]
+    plain = experience.reward_sequences([[1]], [reply], [msgs], small_tok, qwen_tok, False)
+    assert plain != got and "get_weather" not in qwen_tok.decode(plain[0])
