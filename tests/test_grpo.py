@@ -264,3 +264,31 @@ def test_context_extension_policy_is_refused(world, tmp_path, small_tok):  # noq
     (tmp_path / "ntk" / "config.json").write_text(json.dumps(cfg | {"layer_windows": [16, None]}))
     with pytest.raises(ConfigError, match="layer windows \\(shortest 16 tokens\\)"):
         ppo.train(make_config(world, tmp_path / "out", policy_path=str(tmp_path / "ntk")))
+
+
+def test_demo_pipeline_commands_parse(tmp_path):
+    """Every trainer stage of `make demo` (align/pipeline.py) parses into a valid config of its entry point, the
+    GRPO stage as a critic-free run on the verifiable reward alone, and the evaluation compares six policies."""
+    import importlib
+    from pathlib import Path
+
+    from align.pipeline import stages
+    from common.config import parse_config
+
+    classes = {"align/sft.py": ("align.sft", "SFTConfig"), "reward/train.py": ("reward.train", "RewardConfig"),
+               "align/ppo.py": ("align.ppo", "PPOConfig"), "align/dpo.py": ("align.dpo", "DPOConfig"),
+               "align/kto.py": ("align.kto", "KTOConfig")}
+    parsed = {}
+    for name, cmd, done in stages(tmp_path, "builtin"):
+        if cmd[1] in classes:
+            module, cls = classes[cmd[1]]
+            parsed[name] = parse_config(getattr(importlib.import_module(module), cls), cmd[2:])
+            assert Path(parsed[name].output_dir) == done.parent, name
+    assert {"ppo", "ppo without ptx", "dpo", "kto", "grpo"} <= set(parsed)
+    g = parsed["grpo"]
+    assert (g.advantage, g.reward_path, g.reward_funcs, g.kl_in, g.samples_per_prompt) == \
+        ("grpo", None, ["data.demo_reward:true_reward"], "loss", 4)
+    assert parsed["ppo"].advantage == "gae" and parsed["ppo without ptx"].ptx_coef == 0
+    evaluate = dict((n, c) for n, c, _ in stages(tmp_path, "builtin"))["evaluate"]
+    assert [evaluate[i + 1].split("=")[0] for i, x in enumerate(evaluate) if x == "--policy"] == \
+        ["SFT", "PPO", "PPO without ptx", "DPO", "KTO", "GRPO"]
