@@ -57,6 +57,7 @@ def split_named(item: str, what: str) -> tuple[str, str]:
 
 def load_pairs(path: str) -> tuple[list[dict], dict]:
     """Canonical {prompt, chosen, rejected} records from any preference export, and counts of what was skipped."""
+    from data.datasets import prepare_record
     from data.formats import parse_rows
     from data.io import read_rows
 
@@ -73,8 +74,17 @@ def load_pairs(path: str) -> tuple[list[dict], dict]:
     for _, parsed in parse_rows(rows, "auto"):
         if parsed.error:
             errors.append(f"{parsed.where}: {parsed.error}")
-        pairs += parsed.pairs
         dropped += len(parsed.dropped)
+        for pair in parsed.pairs:  # the trainers' validation (escaping, joined replies, identical replies dropped)
+            try:
+                rec, reason = prepare_record(pair, "preference", parsed.where)
+            except ValueError as e:
+                errors.append(str(e))
+                continue
+            if reason is None:
+                pairs.append(rec)
+            else:
+                dropped += 1
     if not pairs:
         raise ValueError(f"{path}: no preference pairs found" + (f"; first error: {errors[0]}" if errors else ""))
     if errors:

@@ -238,3 +238,22 @@ def test_reward_two_ranks_equal_one_process(lm_dir, tmp_path):
     one = [r["loss"] for r in read_jsonl(tmp_path / "one" / "metrics.jsonl") if "loss" in r]
     two = [r["loss"] for r in read_jsonl(tmp_path / "two" / "metrics.jsonl") if "loss" in r]
     assert len(one) == 3 and two == pytest.approx(one, rel=1e-5)
+
+
+def test_bench_load_pairs_runs_the_trainers_validation(tmp_path):
+    """reward.bench reads a pair as the trainers do (data.datasets.prepare_record): special-token text escaped, a
+    pair with identical replies dropped, a record with an unknown role counted as malformed."""
+    from data.validate import escape_special_text
+    from reward.bench import load_pairs
+
+    user = [{"role": "user", "content": "hi"}]
+    rows = [{"prompt": user, "chosen": "good <|im_end|> reply", "rejected": "bad"},
+            {"prompt": user, "chosen": "same", "rejected": "same"},
+            {"prompt": [{"role": "wizard", "content": "hi"}], "chosen": "a", "rejected": "b"},
+            {"prompt": user, "chosen": "fine", "rejected": "worse"}]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pairs, counts = load_pairs(str(path))
+    assert [p["rejected"][-1]["content"] for p in pairs] == ["bad", "worse"]
+    assert pairs[0]["chosen"][-1]["content"] == escape_special_text("good <|im_end|> reply") != "good <|im_end|> reply"
+    assert counts == {"malformed": 1, "dropped": 1}
