@@ -21,6 +21,9 @@ import sys
 import time
 from pathlib import Path
 
+from common.config import ArgumentParser, user_errors
+from common.preflight import check_output_dir
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -51,7 +54,9 @@ def stages(out: Path, engine: str) -> list[tuple[str, list[str], Path]]:
         ("evaluate", py + ["-m", "align.evaluate", "--reference", f"{sft}/final", "--reward", f"{rm}/final",
                            "--policy", f"SFT={sft}/final", "--policy", f"PPO={out}/ppo/final",
                            "--policy", f"PPO without ptx={out}/ppo_noptx/final", "--policy", f"DPO={out}/dpo/final",
-                           "--tokenizer", "demo", "--out", str(out / "eval")], out / "eval" / "eval.md"),
+                           "--prompts", "data/demo/prompts_heldout.jsonl",
+                           "--heldout", "data/demo/pretrain_heldout.jsonl", "--tokenizer", "demo",
+                           "--out", str(out / "eval")], out / "eval" / "eval.md"),
     ]
 
 
@@ -112,12 +117,15 @@ def plot_summary(out: Path) -> None:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(prog="python -m align.pipeline", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/demo", help="folder for every stage's output")
     ap.add_argument("--fresh", action="store_true", help="delete --out first and run every stage")
     ap.add_argument("--engine", default="vllm", choices=["vllm", "builtin"], help="PPO rollout engine")
     args = ap.parse_args(argv)
     out = (ROOT / args.out).resolve()
+    with user_errors():
+        check_output_dir(out, "--out")
     if args.fresh and out.exists():
         shutil.rmtree(out)
     (out / "logs").mkdir(parents=True, exist_ok=True)
