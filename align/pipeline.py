@@ -25,6 +25,9 @@ import sys
 import time
 from pathlib import Path
 
+from common.config import ArgumentParser, user_errors
+from common.preflight import check_output_dir
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -60,7 +63,9 @@ def stages(out: Path, engine: str) -> list[tuple[str, list[str], Path]]:
                        "--engine", engine, "--output_dir", str(out / "grpo")], out / "grpo" / "final"),
         ("evaluate", py + ["-m", "align.evaluate", "--reference", f"{sft}/final", "--reward", f"{rm}/final",
                            *[x for p in policies for x in ("--policy", p)],
-                           "--tokenizer", "demo", "--out", str(out / "eval")], out / "eval" / "eval.md"),
+                           "--prompts", "data/demo/prompts_heldout.jsonl",
+                           "--heldout", "data/demo/pretrain_heldout.jsonl", "--tokenizer", "demo",
+                           "--out", str(out / "eval")], out / "eval" / "eval.md"),
     ]
 
 
@@ -122,12 +127,15 @@ def plot_summary(out: Path) -> None:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(prog="python -m align.pipeline", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/demo", help="folder for every stage's output")
     ap.add_argument("--fresh", action="store_true", help="delete --out first and run every stage")
     ap.add_argument("--engine", default="builtin", choices=["builtin", "vllm"], help="PPO and GRPO rollout engine")
     args = ap.parse_args(argv)
     out = (ROOT / args.out).resolve()
+    with user_errors():
+        check_output_dir(out, "--out")
     if args.fresh and out.exists():
         shutil.rmtree(out)
     (out / "logs").mkdir(parents=True, exist_ok=True)

@@ -4,9 +4,12 @@ trains a LoRA adapter and the reference is the same model with the adapter disab
 The same loop runs the critic-free estimators (`--advantage grpo | rloo | reinforce_pp`: no value model, no warmup;
 align/rl.py) with reward functions (`--reward_funcs module:function`) beside or instead of the reward model.
 
-    accelerate launch align/ppo.py                     # embedded demo: runs/demo/sft/final + runs/demo/rm/final
-    accelerate launch align/ppo.py --config configs/ppo.yaml [--field value ...]
+    accelerate launch align/ppo.py --config configs/ppo.yaml [--field value ...]     # the demo (make demo first)
     accelerate launch align/ppo.py --config configs/grpo.yaml   # GRPO with the demo's rule as a verifiable reward
+    accelerate launch align/ppo.py --policy_path SFT_FOLDER --reward_path RM_FOLDER --prompt_files prompts.jsonl \
+        [--pretrain_files text.jsonl] [--heldout_files heldout.jsonl]                 # your own models and data
+No data file defaults to the demo's: without pretrain_files the run has no PPO-ptx term (it says so), without
+heldout_files it measures no alignment tax (it says so).
 
 One PPO step (iteration), in numbered phases:
   1. rollout: the engine samples n responses per prompt (top-p 0.9); after each policy update the engine gets the
@@ -14,7 +17,8 @@ One PPO step (iteration), in numbered phases:
   2. score: reward model on prompt + response + <|reward|> and/or reward functions, weighted; the demo's true
      reward where the data has one
   3. log-probs of the policy (old) and the reference recomputed by the TRAINING models on the sampled tokens with
-     the sampler's temperature (the engine's own log-probs are only compared: PITFALLS 7); values
+     the sampler's temperature (the engine's own log-probs are only compared: docs/PITFALLS.md#sampler-log-probs);
+     values
   4. KL-shaped rewards (score normalised by a running mean), GAE, advantage whitening; critic-free: group
      (grpo, rloo) or batch (reinforce_pp) normalised advantages, the KL in the reward or as a k3 loss term
   5. PPO epochs over mini batches: policy loss + value loss (+ k3 KL loss) (+ ptx coef x LM loss on pretraining
@@ -50,9 +54,10 @@ DEMO_DIR = Path(__file__).resolve().parents[1] / "data" / "demo"
 @dataclass
 class PPOConfig:
     # --- models (four: policy, reference = frozen policy copy, reward, value) ---
-    policy_path: str = cfg("runs/demo/sft/final", "SFT model folder (Qwen2ForCausalLM): the policy and the frozen reference")
-    reward_path: Optional[str] = cfg("runs/demo/rm/final", "reward-model folder (reward/train.py), read at "
-                                                           "<|reward|>; None: reward_funcs only")
+    policy_path: str = cfg("", "SFT model folder (Qwen2ForCausalLM): the policy and the frozen reference",
+                           required=True)
+    reward_path: Optional[str] = cfg(None, "reward-model folder (reward/train.py), read at <|reward|>; None: "
+                                           "reward_funcs only (one of the two is needed)")
     value_path: Optional[str] = cfg(None, "value-model init (advantage gae only); None = the reward model (sec. 3.2.2)")
     lora_r: int = cfg(0, "LoRA rank of the policy; 0 = full finetuning. With LoRA the reference is the policy with its "
                          "adapter disabled (no second copy of the weights); no LoRA dropout, so the sampled and the "
@@ -61,19 +66,22 @@ class PPOConfig:
     lora_target_modules: list[str] = cfg(LORA_TARGETS, "module names that get LoRA adapters")
     tokenizer: Optional[str] = cfg(None, "policy tokenizer: None = the one saved in policy_path, else 'qwen2'/'small'/folder")
     reward_tokenizer: Optional[str] = cfg(None, "reward tokenizer: None = the one saved in reward_path, else as above")
-    tokenizer_mismatch: str = cfg("refuse", "policy and reward tokenizers differ: 'refuse' or 'retokenize' the decoded text (PITFALLS 6)")
+    tokenizer_mismatch: str = cfg("refuse", "policy and reward tokenizers differ: 'refuse' or 'retokenize' the decoded "
+                                            "text (docs/PITFALLS.md#tokenizer-mismatch)")
     # --- data ---
-    prompt_files: list[str] = cfg([str(DEMO_DIR / "prompts_train.jsonl")], "prompt-only files ({'prompt': [msgs]})")
+    prompt_files: list[str] = cfg([], "prompt-only files ({'prompt': [msgs]})", required=True)
     max_prompt_len: int = cfg(256, "prompts longer than this (tokens) are dropped")
     true_reward: Optional[bool] = cfg(None, "log data.demo.true_reward of each response; None = only if every prompt file is in data/demo")
-    pretrain_files: list[str] = cfg([str(DEMO_DIR / "pretrain.jsonl")], "pretraining text ({'text'}) for the PPO-ptx LM loss")
-    heldout_files: list[str] = cfg([str(DEMO_DIR / "pretrain_heldout.jsonl")], "held-out pretraining text: the alignment tax")
+    pretrain_files: list[str] = cfg([], "pretraining text ({'text'}) for the PPO-ptx LM loss; none = no ptx term "
+                                        "(the run says so)")
+    heldout_files: list[str] = cfg([], "held-out pretraining text: the alignment tax; none = not measured (the run "
+                                       "says so)")
     ptx_seq_len: int = cfg(256, "tokens per packed pretraining row")
     heldout_rows: int = cfg(32, "held-out rows (of ptx_seq_len tokens) scored for the alignment tax")
     # --- rollout ---
     engine: str = cfg("builtin", "'builtin' (KV-cache engine on the custom model) or 'vllm'")
     verify_sync_every: int = cfg(10, "after every k-th weight sync, check the engine's greedy tokens and log-probs "
-                                     "equal the policy's on 4 prompts (PITFALLS 1); 0 = never")
+                                     "equal the policy's on 4 prompts (docs/PITFALLS.md#weight-sync); 0 = never")
     rollout_batch_prompts: int = cfg(16, "prompts per PPO step; responses = prompts x samples_per_prompt")
     samples_per_prompt: int = cfg(2, "responses sampled per prompt (sec. 3.2.2: two)")
     temperature: float = cfg(1.0, "sampling temperature; the training log-probs divide by the same value")
@@ -97,8 +105,8 @@ class PPOConfig:
     value_clip: float = cfg(0.15, "value clip around the rollout-time values (sec. 3.2.2: 0.15)")
     gamma: float = cfg(1.0, "GAE discount")
     lam: float = cfg(0.95, "GAE lambda")
-    whiten_advantages: bool = cfg(True, "whiten advantages over the rollout batch (PITFALLS 8)")
-    ptx_coef: float = cfg(0.1, "PPO-ptx: weight of the LM loss on pretraining text; 0 = off")
+    whiten_advantages: bool = cfg(True, "whiten advantages over the rollout batch (docs/PITFALLS.md#ppo-stability)")
+    ptx_coef: float = cfg(0.1, "PPO-ptx: weight of the LM loss on pretraining text; 0 or no pretrain_files = off")
     ptx_rows: int = cfg(4, "pretraining rows per policy optimizer step")
     # --- optimisation ---
     policy_lr: float = cfg(1e-6, "policy learning rate (sec. 3.2.2: 1e-6)")
@@ -168,30 +176,64 @@ class PPOConfig:
             raise ConfigError("policy_lr, value_lr, clip and value_clip must be > 0")
         if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
             raise ConfigError(f"gamma and lam must be in [0, 1], got {self.gamma}, {self.lam}")
-        if not self.prompt_files:
-            raise ConfigError("prompt_files is empty: give at least one prompt file")
-        if self.ptx_coef > 0 and not self.pretrain_files:
-            raise ConfigError("ptx_coef > 0 needs pretrain_files (or set ptx_coef 0)")
         check_estimator(self)
 
+    @property
+    def ptx_on(self) -> bool:
+        """PPO-ptx needs a coefficient and pretraining text; without pretrain_files it is off (said at start)."""
+        return self.ptx_coef > 0 and bool(self.pretrain_files)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Pieces used by the loop.
 
-def check_inputs(c: PPOConfig) -> None:
-    """Say which command makes a missing model folder, instead of a bare FileNotFoundError."""
-    makers = {"policy_path": "accelerate launch align/sft.py --config configs/sft.yaml",
-              "reward_path": "accelerate launch reward/train.py --config configs/reward_pmp.yaml, then "
-                             "--config configs/reward_ft.yaml"}
-    for name, cmd in makers.items():
-        path = getattr(c, name)
-        if path is not None and not (Path(path) / "config.json").is_file():
-            raise FileNotFoundError(f"{name} {path}: no model folder there. Create it with `{cmd}` (or run the "
-                                    f"whole demo pipeline with `make demo`), or pass --{name} DIR")
-    for f in c.prompt_files + c.pretrain_files + c.heldout_files:
-        if not Path(f).is_file():
-            raise FileNotFoundError(f"data file {f} does not exist")
+def check_start(c: PPOConfig) -> None:
+    """Phase 0, before the accelerator and any model: output_dir, the model folders (the reward and value folders
+    must hold a trained score head), every data file (read and validated once; load_data takes the result), and
+    for engine vllm the policy's shape (refused before vLLM is imported). A mistake here fails in seconds."""
+    from common.preflight import check_model_folder, check_output_dir
+    from data.datasets import check_records
+    from model.heads import check_scalar_head_folder
+
+    check_output_dir(c.output_dir)
+    check_model_folder(c.policy_path, "policy_path", made_by="accelerate launch align/sft.py --config "
+                                                             "configs/sft.yaml (the demo: make demo)")
+    if c.reward_path is not None:
+        check_model_folder(c.reward_path, "reward_path", made_by="accelerate launch reward/train.py --config "
+                                                                 "configs/reward_pmp.yaml, then configs/reward_ft.yaml")
+        check_scalar_head_folder(c.reward_path, "reward_path")
+    if c.value_path is not None:
+        check_model_folder(c.value_path, "value_path")
+        check_scalar_head_folder(c.value_path, "value_path")
+    for files, kind in ((c.prompt_files, "prompt"), (c.pretrain_files if c.ptx_on else [], "text"),
+                        (c.heldout_files, "text")):
+        for f in files:
+            check_records(f, kind=kind)
+    check_policy_context(c.policy_path, c.max_prompt_len + c.max_new_tokens)
+    if c.engine == "vllm":
+        from model.checkpoint import read_config
+        from rollout.vllm_engine import CPU_HEAD_SIZES, refuse_unsupported
+
+        try:
+            refuse_unsupported(read_config(c.policy_path), f"policy_path {c.policy_path}",
+                               None if torch.cuda.is_available() else CPU_HEAD_SIZES)
+        except ValueError as e:  # UnsupportedConfig, or a config the custom model cannot read
+            raise ConfigError(f"--engine vllm: {e}".replace("make_engine('builtin', model=policy)",
+                                                             "--engine builtin")) from None
+
+
+def start_notes(c: PPOConfig, n_ptx: int, n_heldout: int) -> list[str]:
+    """What this run will not do, said at start: no ptx term, no alignment tax, a policy that never trains."""
+    notes = []
+    if c.ptx_coef > 0 and not c.pretrain_files:
+        notes.append("no pretraining text (pretrain_files): PPO-ptx off")
+    if not n_heldout:
+        notes.append("no held-out text (heldout_files): no alignment tax is measured")
+    if c.advantage == "gae" and c.max_steps <= c.value_warmup_steps:
+        notes.append(f"warning: max_steps ({c.max_steps}) <= value_warmup_steps ({c.value_warmup_steps}): every "
+                     f"step trains only the value model, so the policy will not train and final/ will equal "
+                     f"policy_path; lower value_warmup_steps or raise max_steps")
+    return notes
 
 
 def folder_tokenizer(name: str | None, folder: str):
@@ -205,7 +247,8 @@ def folder_tokenizer(name: str | None, folder: str):
 
 
 def tokenizers_match(c: PPOConfig, tok, rtok) -> bool:
-    """PITFALLS 6: a reward model reading the policy's ids with another vocabulary scores garbage."""
+    """A reward model reading the policy's ids with another vocabulary scores garbage
+    (docs/PITFALLS.md#tokenizer-mismatch)."""
     from data.tokenizer import tokenizer_fingerprint
 
     same = tokenizer_fingerprint(tok) == tokenizer_fingerprint(rtok)
@@ -234,8 +277,11 @@ def load_data(c: PPOConfig, tok):
         reports.append(f"{f}: {report.summary()}")
     text = lambda files: [r for f in files for r in build_text_examples(  # noqa: E731
         load_records(f, kind="text")[0], tok, c.ptx_seq_len)]
-    ptx = text(c.pretrain_files) if c.ptx_coef > 0 else []
+    ptx = text(c.pretrain_files) if c.ptx_on else []
     heldout = text(c.heldout_files)[:c.heldout_rows] if c.heldout_files else []
+    if c.ptx_on and len(ptx) < c.ptx_rows:
+        raise ConfigError(f"{', '.join(c.pretrain_files)}: {len(ptx)} rows of {c.ptx_seq_len} tokens, fewer than "
+                          f"ptx_rows ({c.ptx_rows}) per step: lower ptx_rows or ptx_seq_len, or add text")
     return prompts, ptx, heldout, "\n".join(reports)
 
 
@@ -454,7 +500,7 @@ def ppo_update(run: Run, exp: dict, step: int) -> dict:
                 loss.backward()
                 for k2, x in add.items():
                     stats[k2] += x
-            if not warmup and c.ptx_coef > 0:  # PPO-ptx: coef x LM loss on a pretraining batch (InstructGPT)
+            if not warmup and c.ptx_on:  # PPO-ptx: coef x LM loss on a pretraining batch (InstructGPT)
                 ptx_step = (step * c.ppo_epochs + epoch) * c.num_mini_batches + k
                 rows_ptx = [run.ptx_rows[i] for i in mini_batch_rows(ptx_step, len(run.ptx_rows), c.ptx_rows, c.seed)]
                 stats["ptx_loss"] = lm_loss(run.policy, rows_ptx[rank::W], run.pad_id, c.chunk_size,
@@ -503,14 +549,10 @@ def setup(c: PPOConfig) -> tuple[Run, int, Path | None]:
     from common.loop import make_accelerator, restore_run_state
     from common.optim import SparseEmbeddingGrad, build_adamw
     from common.run import open_run
+    from common.preflight import check_vocab
     from data.chatml import REWARD_TOKEN, special_id
-    from model.heads import check_scalar_head_folder
 
-    check_inputs(c)
-    for name in ("reward_path", "value_path"):
-        if getattr(c, name) is not None:
-            check_scalar_head_folder(getattr(c, name), name)
-    check_policy_context(c.policy_path, c.max_prompt_len + c.max_new_tokens)
+    check_start(c)  # 0. checks that need no model (paths, data files, vLLM shape, context extension): seconds
     reward_funcs = [load_reward_func(spec) for spec in c.reward_funcs]  # an import error stops here, in one line
     acc = make_accelerator(c.precision, 1, c.micro_batch_size)
     W = acc.num_processes
@@ -527,11 +569,15 @@ def setup(c: PPOConfig) -> tuple[Run, int, Path | None]:
     tok = folder_tokenizer(c.tokenizer, c.policy_path)
     rtok = tok if c.reward_path is None else folder_tokenizer(c.reward_tokenizer, c.reward_path)
     same = tokenizers_match(c, tok, rtok)
+    check_vocab(tok, c.policy_path, "policy_path", c.tokenizer)  # from config.json, before the models load
+    if c.reward_path is not None:
+        check_vocab(rtok, c.reward_path, "reward_path", c.reward_tokenizer)
     pad = lambda t: t.pad_token_id if t.pad_token_id is not None else t.eos_token_id  # noqa: E731
     prompts, ptx, heldout, report = load_data(c, tok)
     if len(prompts) < c.rollout_batch_prompts:
-        raise ConfigError(f"{c.prompt_files}: {len(prompts)} usable prompts, fewer than rollout_batch_prompts "
-                          f"({c.rollout_batch_prompts})")
+        raise ConfigError(f"{', '.join(c.prompt_files)}: {len(prompts)} usable prompts, fewer than "
+                          f"rollout_batch_prompts ({c.rollout_batch_prompts}): lower rollout_batch_prompts, or add "
+                          f"prompts")
     policy, ref, reward, value = load_models(c, resume_dir, acc.device)
     opt = OptimizerPair(build_adamw(policy, c.policy_lr, c.betas, 1e-8, c.weight_decay),
                         None if value is None else build_adamw(value, c.value_lr, c.betas, 1e-8, c.weight_decay))
@@ -556,6 +602,8 @@ def setup(c: PPOConfig) -> tuple[Run, int, Path | None]:
               f"{'' if value is not None else ' (no value model, no warmup)'}, KL in the {c.kl_in}, loss "
               f"{loss_reduction(c)}, score = {describe_score(c, reward is not None, reward_funcs)}",
               flush=True)
+        for note in start_notes(c, len(ptx), len(heldout)):
+            print(f"[ppo] {note}", flush=True)
     return run, start, resume_dir
 
 

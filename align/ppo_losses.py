@@ -117,7 +117,7 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1"
     """Per-token KL(pi || ref) estimate on tokens sampled from pi (Schulman, "Approximating KL divergence").
 
     k1 = logp - ref_logp (unbiased, can be negative per token); k3 = exp(r) - 1 - r with r = ref_logp - logp
-    (unbiased, never negative: PITFALLS 8). logp, ref_logp (B, R) -> (B, R).
+    (unbiased, never negative: docs/PITFALLS.md#ppo-stability). logp, ref_logp (B, R) -> (B, R).
     """
     if estimator == "k1":
         return logp - ref_logp
@@ -131,7 +131,7 @@ def shape_rewards(score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, coe
                   has_eos: torch.Tensor, eos_missing_penalty: float = 0.0) -> torch.Tensor:
     """Per-token rewards (B, R): -coef * kl on every response token, plus on the last real token the (normalised)
     score minus `eos_missing_penalty` when the response did not end with a stop token (Ziegler et al. 2019;
-    the penalty discourages max-length rambling, PITFALLS 8).
+    the penalty discourages max-length rambling, docs/PITFALLS.md#ppo-stability).
 
     score (B,), kl (B, R), mask (B, R), has_eos (B,) bool.
     """

@@ -65,12 +65,14 @@ def test_recipe_defaults_and_config_errors(world, tmp_path):
         make_config(world, tmp_path, num_mini_batches=3)
     with pytest.raises(ConfigError, match="kl_estimator must be one of"):
         make_config(world, tmp_path, kl_estimator="k2")
-    with pytest.raises(FileNotFoundError, match="align/sft.py --config configs/sft.yaml"):
+    with pytest.raises(ConfigError, match="policy_path .*nowhere: no such folder; create it with `accelerate launch "
+                                          "align/sft.py --config configs/sft.yaml"):
         ppo.train(make_config(world, tmp_path, policy_path=str(tmp_path / "nowhere")))
 
 
 def test_mismatched_tokenizers_are_refused(world, tmp_path, qwen_tok):
-    """PITFALLS 6: a reward model saved with another vocabulary is refused at start-up, before any model loads."""
+    """docs/PITFALLS.md#tokenizer-mismatch: a reward model saved with another vocabulary is refused at start-up,
+    before any model loads."""
     import shutil
 
     shutil.copytree(world / "reward", tmp_path / "reward")

@@ -82,8 +82,9 @@ def _pairs_file(path, n, seed):
 
 @pytest.mark.numerics
 def test_scores_do_not_depend_on_batch_padding_side_or_length(lm_dir):
-    """PITFALLS 5: the same pair scored alone, next to longer sequences, left- or right-padded, with extra padding,
-    gets the same two scores; the score is read at <|reward|>, not at the last non-pad token."""
+    """docs/PITFALLS.md#reward-position: the same pair scored alone, next to longer sequences, left- or
+    right-padded, with extra padding, gets the same two scores; the score is read at <|reward|>, not at the last
+    non-pad token."""
     tok = load_tokenizer("small")
     rid, pad = reward_token_id(tok), tok.pad_token_id
     model = load_reward_model(str(lm_dir)).eval()
@@ -168,7 +169,7 @@ def test_reward_training_learns_resumes_exactly_and_saves_stats(lm_dir, tmp_path
 
 def test_reward_config_errors(lm_dir, tmp_path):
     files = [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]
-    with pytest.raises(ConfigError, match="model_path is required"):
+    with pytest.raises(ConfigError, match="missing required field: --model_path"):
         rm_config(tmp_path, "", files)
     with pytest.raises(ConfigError, match="set norm_files"):
         rm_config(tmp_path, lm_dir, files, eval_files=[])
