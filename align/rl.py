@@ -200,11 +200,11 @@ def check_estimator(c) -> None:
     if c.advantage in CRITIC_FREE and c.value_path is not None:
         raise ConfigError(f"advantage {c.advantage} trains no value model: remove value_path ({c.value_path}), or "
                           f"use advantage gae")
+    if c.reward_path is None and not c.reward_funcs:
+        raise ConfigError("no reward: give reward_path (a reward model) and/or reward_funcs (module:function)")
     if c.advantage == "gae" and c.reward_path is None and c.value_path is None:
         raise ConfigError("advantage gae initialises the value model from the reward model: give reward_path (or "
                           "value_path), or use a critic-free advantage (grpo, rloo, reinforce_pp)")
-    if c.reward_path is None and not c.reward_funcs:
-        raise ConfigError("no reward: give reward_path (a reward model) and/or reward_funcs (module:function)")
     if c.reward_func_weights and len(c.reward_func_weights) != len(c.reward_funcs):
         raise ConfigError(f"reward_func_weights has {len(c.reward_func_weights)} weights for {len(c.reward_funcs)} "
                           f"reward_funcs; give one per function (or none: 1.0 each)")
