@@ -51,7 +51,8 @@ def stages(out: Path, engine: str) -> list[tuple[str, list[str], Path]]:
         ("evaluate", py + ["-m", "align.evaluate", "--reference", f"{sft}/final", "--reward", f"{rm}/final",
                            "--policy", f"SFT={sft}/final", "--policy", f"PPO={out}/ppo/final",
                            "--policy", f"PPO without ptx={out}/ppo_noptx/final", "--policy", f"DPO={out}/dpo/final",
-                           "--tokenizer", "demo", "--out", str(out / "eval")], out / "eval" / "eval.md"),
+                           "--prompts", "data/demo/prompts_heldout.jsonl", "--heldout",
+                           "data/demo/pretrain_heldout.jsonl", "--out", str(out / "eval")], out / "eval" / "eval.md"),
     ]
 
 

@@ -30,8 +30,8 @@ import torch
 
 from align.ppo_losses import (AdaptiveKLController, FixedKLController, RunningMeanStd, gae, kl_penalty,
                               ppo_policy_loss, shape_rewards, token_mean, value_loss, whiten)
-from align.experience import (gather_rows, heldout_loss, label_count, lm_loss, response_logprobs, reward_sequences,
-                              rollout_tensors, stop_ids)
+from align.experience import (eos_ids, gather_rows, heldout_loss, label_count, lm_loss, response_logprobs,
+                              reward_sequences, rollout_tensors, stop_ids)
 from align.models import LORA_TARGETS, save_model, with_lora
 from common.config import ConfigError, cfg
 from common.run import RUN_CONTROL, run_main
@@ -43,6 +43,9 @@ DEMO_DIR = Path(__file__).resolve().parents[1] / "data" / "demo"
 class PPOConfig:
     # --- models (four: policy, reference = frozen policy copy, reward, value) ---
     policy_path: str = cfg("runs/demo/sft/final", "SFT model folder (Qwen2ForCausalLM): the policy and the frozen reference")
+    model_impl: str = cfg("custom", "policy and reference: 'custom' = model.qwen (Qwen2/Qwen3 folders), 'hf' = "
+                                    "transformers AutoModelForCausalLM (any causal LM; the built-in engine runs it "
+                                    "on transformers' KV cache)")
     reward_path: str = cfg("runs/demo/rm/final", "reward-model folder (reward/train.py), read at <|reward|>")
     value_path: Optional[str] = cfg(None, "value-model init; None = the reward model (sec. 3.2.2)")
     lora_r: int = cfg(0, "LoRA rank of the policy; 0 = full finetuning. With LoRA the reference is the policy with its "
@@ -102,6 +105,8 @@ class PPOConfig:
     # --- run ---
     max_steps: int = cfg(200, "PPO steps (rollout + update)")
     output_dir: str = cfg("runs/ppo", "checkpoints, metrics.jsonl, tb/, ppo.png and final/ (policy) go here")
+    report_to: str = cfg("tensorboard", "trackers besides metrics.jsonl (always written): comma-separated "
+                                        "tensorboard, wandb, mlflow (or any accelerate tracker), or none")
     tax_every: int = cfg(10, "measure the alignment tax every this many steps (also before and after)")
     save_every: int = cfg(0, "checkpoint every this many steps; 0 = only at the end")
     keep_last: int = cfg(1, "complete checkpoints kept")
@@ -115,7 +120,7 @@ class PPOConfig:
     RESUME_MAY_CHANGE = RUN_CONTROL + ("tax_every",)
 
     def validate(self):
-        choices = {"engine": ("builtin", "vllm"), "kl_estimator": ("k1", "k3"),
+        choices = {"engine": ("builtin", "vllm"), "kl_estimator": ("k1", "k3"), "model_impl": ("custom", "hf"),
                    "tokenizer_mismatch": ("refuse", "retokenize"), "precision": ("auto", "bf16", "fp32")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -167,11 +172,15 @@ def check_inputs(c: PPOConfig) -> None:
 
 
 def folder_tokenizer(name: str | None, folder: str):
-    """The tokenizer named in the config ('qwen2', 'small', 'demo' or a folder), else the one saved beside the model."""
+    """The tokenizer named in the config ('qwen2', 'small', 'demo' or a folder), else the one saved beside the model
+    (the folder is the source of truth), with its chat format decided (data.template.chat_format)."""
+    from data.template import chat_format
     from data.tokenizer import load_tokenizer
 
     try:
-        return load_tokenizer(name or folder)
+        tok = load_tokenizer(name or folder)
+        chat_format(tok)
+        return tok
     except ValueError as e:
         raise ConfigError(f"{e}: pass --tokenizer / --reward_tokenizer") from None
 
@@ -236,10 +245,13 @@ def load_data(c: PPOConfig, tok):
 
 def load_models(c: PPOConfig, resume_dir: Path | None, device):
     """policy (trainable), reference (frozen copy of SFT; None with LoRA: the policy with its adapter disabled),
-    reward (frozen), value (trainable, from the RM). The policy is the custom model (Qwen2/Qwen3); the reward and
-    value models are the custom scalar head on a Qwen2/Qwen3 folder, transformers' (model_impl hf) on any other."""
-    from model.checkpoint import load_causal_lm
+    reward (frozen), value (trainable, from the RM). The policy is the custom model (Qwen2/Qwen3) or, with
+    model_impl hf, transformers' causal LM; the reward and value models are the custom scalar head on a Qwen2/Qwen3
+    folder, transformers' on any other."""
+    from align.models import load_causal_lm_any
     from model.heads import load_scalar_head
+
+    load_causal_lm = lambda path: load_causal_lm_any(path, c.model_impl)  # noqa: E731
 
     if c.lora_r:  # no LoRA dropout: the sampled and the trained log-probs come from the same function
         policy = with_lora(load_causal_lm(c.policy_path), c.lora_r, c.lora_alpha, c.lora_target_modules, 0.0,
@@ -297,6 +309,7 @@ class Run:
     tax_start: float | None = None
     value_emb_grad: object = None  # common.optim.SparseEmbeddingGrad of the value model (None: dense gradient)
     folder: object = None  # common.run.RunDir: the output folder's run (lock, checkpoints, metrics)
+    eos_ids: list = None  # stop ids that end a reply with an EOS (stop_ids without <|reward|>)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -366,7 +379,7 @@ def make_experience(run: Run, step: int) -> tuple[dict, dict]:
 
     # 4. KL-shaped rewards (score minus the running mean, sec. 3.2.2), GAE, whitened advantages
     # ended with <|im_end|> / <|endoftext|>; a sampled <|reward|> also stops a row, but counts as no EOS
-    has_eos = torch.tensor([f == "stop" and r[-1] in run.stop_ids[:2] for f, r in
+    has_eos = torch.tensor([f == "stop" and r[-1] in run.eos_ids for f, r in
                             zip(g["finish"], g["response_ids"])], device=dev)  # (N,)
     run.reward_stats.update(rm_score)
     norm_score = run.reward_stats.normalise(rm_score, use_std=c.reward_norm_std)
@@ -477,6 +490,8 @@ def setup(c: PPOConfig) -> tuple[Run, int, Path | None]:
     from common.optim import SparseEmbeddingGrad, build_adamw
     from common.run import open_run
     from data.chatml import REWARD_TOKEN, special_id
+    from data.template import chat_format
+    from model.checkpoint import generation_eos_ids
     from model.heads import check_scalar_head_folder
 
     check_inputs(c)
@@ -496,6 +511,9 @@ def setup(c: PPOConfig) -> tuple[Run, int, Path | None]:
     resume_dir = folder.resume_dir
     random.seed(c.seed), np.random.seed(c.seed), torch.manual_seed(c.seed)
     tok, rtok = folder_tokenizer(c.tokenizer, c.policy_path), folder_tokenizer(c.reward_tokenizer, c.reward_path)
+    if acc.is_main_process:
+        print(f"[ppo] tokenizer {c.tokenizer or c.policy_path}: {chat_format(tok).describe()}", flush=True)
+    gen_eos = generation_eos_ids(c.policy_path)  # the policy folder's generation config: where replies end
     same = tokenizers_match(c, tok, rtok)
     pad = lambda t: t.pad_token_id if t.pad_token_id is not None else t.eos_token_id  # noqa: E731
     prompts, ptx, heldout, report = load_data(c, tok)
@@ -508,10 +526,10 @@ def setup(c: PPOConfig) -> tuple[Run, int, Path | None]:
     kl_ctl = AdaptiveKLController(c.kl_coef, c.kl_target, c.kl_horizon, c.kl_min_coef) if c.kl_adaptive else \
         FixedKLController(c.kl_coef)
     run = Run(c, acc, policy, ref, reward, value, opt, build_engine(c, policy, pad(tok)), tok, rtok, same, pad(tok),
-              pad(rtok), special_id(rtok, REWARD_TOKEN), stop_ids(tok, rtok if same else None),
+              pad(rtok), special_id(rtok, REWARD_TOKEN), stop_ids(tok, rtok if same else None, gen_eos),
               prompts, ptx, heldout, kl_ctl, RunningMeanStd(), use_true_reward(c),
               value_emb_grad=SparseEmbeddingGrad(value.get_input_embeddings()),  # exact; rows touched only
-              folder=folder)
+              folder=folder, eos_ids=eos_ids(tok, gen_eos))
     start = 0
     if resume_dir is not None:  # exact resume: weights above, then optimizers, statistics and RNG state
         ts = restore_run_state(acc, resume_dir, opt, None, "n_prompts", len(prompts))
