@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass
 from typing import Optional
 
-from common.config import ConfigError, cfg, parse_config
+from common.config import ConfigError, cfg, parse_config, user_errors
 
 
 @dataclass
@@ -34,10 +34,11 @@ class ChatConfig:
     seed: int = cfg(0, "sampling seed (turn t uses seed + t)")
 
     def validate(self):
-        from pathlib import Path
+        from common.preflight import check_model_folder
 
-        if not self.model or not (Path(self.model) / "config.json").is_file():
-            raise ConfigError(f"give a model folder: python -m align.chat FOLDER (got {self.model!r}, no config.json)")
+        if not self.model:
+            raise ConfigError("give a model folder: python -m align.chat FOLDER")
+        check_model_folder(self.model, "model")
         if self.engine not in ("builtin", "vllm") or self.model_impl not in ("auto", "custom", "hf"):
             raise ConfigError("engine must be builtin or vllm; model_impl auto, custom or hf")
         if self.max_new_tokens < 1:
@@ -130,11 +131,9 @@ def main(argv: list[str] | None = None) -> None:
     if argv and not argv[0].startswith("--"):
         argv = ["--model", argv[0]] + argv[1:]
     try:
-        c = parse_config(ChatConfig, argv)
-        conversations = run(c, _typed_lines() if sys.stdin.isatty() else sys.stdin)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+        with user_errors():  # a config mistake: one paragraph, exit status 2
+            c = parse_config(ChatConfig, argv)
+            conversations = run(c, _typed_lines() if sys.stdin.isatty() else sys.stdin)
     except KeyboardInterrupt:
         raise SystemExit(130) from None
     if c.save:

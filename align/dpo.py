@@ -12,7 +12,7 @@ The loop, in numbered phases:
   5. resume    6. train: chosen and rejected in one forward -> DPO / cDPO / IPO loss (+ optional chosen NLL)
   7. NaN guard, clip, optimizer step, log, checkpoint    8. final HF model (LoRA merged) + curves
 Log-probs come from the chunked kernel (model.logprobs) and only response positions go through the 151,936-wide
-output layer: the prompt tokens' logits are never computed (PITFALLS 9).
+output layer: the prompt tokens' logits are never computed (docs/PITFALLS.md#logits-memory).
 """
 
 from __future__ import annotations
@@ -55,7 +55,8 @@ class DPOConfig:
     lora_dropout: float = cfg(0.0, "dropout on the LoRA input")
     lora_target_modules: list[str] = cfg(LORA_TARGETS, "module names that get LoRA adapters")
     # --- data ---
-    train_files: list[str] = cfg([], "preference files (prompt/chosen/rejected JSONL, JSON, parquet, arrow)")
+    train_files: list[str] = cfg([], "preference files (prompt/chosen/rejected JSONL, JSON, parquet, arrow)",
+                                 required=True)
     seq_len: int = cfg(2048, "longest prompt + response in tokens")
     truncation: str = cfg("drop", "pairs longer than seq_len: 'drop' or 'truncate' (the prompt is cut from the left)")
     # --- loss ---
@@ -107,8 +108,6 @@ class DPOConfig:
         if self.init_config is not None and not self.tokenizer:
             raise ConfigError("init_config builds a model with no tokenizer of its own: name one with --tokenizer "
                               "(qwen2, small, demo or a tokenizer folder)")
-        if not self.train_files:
-            raise ConfigError("train_files is empty: give at least one preference file")
         if self.loss_type not in LOSS_TYPES:
             raise ConfigError(f"loss_type must be one of {list(LOSS_TYPES)}, got {self.loss_type!r}")
         if self.loss_type == "conservative" and not 0 < self.label_smoothing < 0.5:
@@ -192,6 +191,21 @@ def build_pairs(c: DPOConfig, tokenizer) -> tuple[list[dict], str]:
     return pairs, "\n".join(reports)
 
 
+def check_start(c: DPOConfig) -> None:
+    """Phase 0, before the accelerator and any model: output_dir, the model folder (or init_config) and every pair
+    file (read and validated once; build_pairs takes the result). A mistake here fails in seconds."""
+    from common.preflight import check_config_file, check_model_folder, check_output_dir
+    from data.datasets import check_records
+
+    check_output_dir(c.output_dir)
+    if c.model_path is not None:
+        check_model_folder(c.model_path, "model_path")
+    else:
+        check_config_file(c.init_config, "init_config")
+    for path in c.train_files:
+        check_records(path, kind="preference")
+
+
 def setup_reference(c: DPOConfig, acc, policy: SequenceLogprobs, pairs: list[dict], pad_id: int,
                     saved_cache: torch.Tensor | None, resumed: bool):
     """-> (cache (N, 2) or None, ref_fn(micro, batch) -> reference summed log-probs (2B,) [chosen, rejected]).
@@ -223,10 +237,14 @@ def train(c: DPOConfig) -> list[float]:
     from tqdm.auto import tqdm
 
     from common.guard import check_finite
-    from common.loop import (begin_run, full_weights, mini_batch_rows, rank_micro_batches, restore_run_state,
-                             steps_per_epoch)
+    from common.loop import (batch_words, begin_run, check_warmup, full_weights, mini_batch_rows,
+                             rank_micro_batches, restore_run_state, steps_per_epoch)
     from common.metrics import plot_metrics
     from common.optim import build_adamw, warmup_cosine
+    from common.preflight import check_vocab
+
+    # 0. checks that need no model (paths, data files): seconds
+    check_start(c)
 
     # 1. accelerator, run folder (lock, run id, config check, resume point), seed
     acc, run = begin_run(c, "dpo")
@@ -234,12 +252,14 @@ def train(c: DPOConfig) -> list[float]:
 
     # 2. tokenizer and pairs (every rank builds the same list; the batch plan picks each rank's share)
     tokenizer = load_chat_tokenizer(c.tokenizer, c.model_path, "dpo", acc.is_main_process)
+    check_vocab(tokenizer, c.model_path or c.init_config, "model_path" if c.model_path else "init_config",
+                c.tokenizer)  # from config.json, before the model loads
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     pairs, report = build_pairs(c, tokenizer)
     mini = c.micro_batch_size_per_rank * c.grad_accum_steps * W
-    total = c.max_steps or c.num_epochs * steps_per_epoch(len(pairs), mini, source=", ".join(c.train_files))
-    if c.warmup_steps >= total:
-        raise ConfigError(f"warmup_steps ({c.warmup_steps}) must be < the {total} optimizer steps of this run")
+    spe = steps_per_epoch(len(pairs), mini, source=", ".join(c.train_files), batch=batch_words(c, W))
+    total = c.max_steps or c.num_epochs * spe
+    check_warmup(c.warmup_steps, total)
 
     # 3. policy, optimizer, schedule
     lm = build_model(c, resume_dir)

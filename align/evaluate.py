@@ -12,9 +12,11 @@ at its generation config's EOS ids. Per policy:
   (k1); the reference defaults to the first --policy;
 - reply tokens and the share of replies that end with an EOS;
 - one column per --reward_funcs function (your checkable rule: function(messages, reply_text) -> float);
-- with --heldout: LM loss on held-out pretraining text; the alignment tax is its rise over the reference;
+- with --heldout: LM loss on held-out pretraining text; the alignment tax is its rise over the reference
+  (Ouyang et al. 2022); without it no alignment tax is measured (said at start);
 - the demo's rule (`data.demo_reward.true_reward`) only on the demo's prompts (data/demo/) or with --demo_reward.
-The tokenizer is the reference folder's (every policy must use the same vocabulary).
+The tokenizer is the reference folder's (every policy must use the same vocabulary). No field defaults to the demo's
+files. Mistakes (a missing folder or file, a broken record) fail before any model loads, in one paragraph, exit 2.
 """
 
 from __future__ import annotations
@@ -27,23 +29,26 @@ from typing import Optional
 
 import torch
 
-from common.config import ConfigError, cfg, parse_config
+from common.config import ConfigError, InputError, cfg, parse_config, user_errors
 
 DEMO_DIR = Path(__file__).resolve().parents[1] / "data" / "demo"
 
 
 @dataclass
 class EvalConfig:
-    policy: list[str] = cfg([], "NAME=FOLDER of a causal-LM checkpoint (or just FOLDER); repeat for each policy")
+    policy: list[str] = cfg([], "NAME=FOLDER of a causal-LM checkpoint (or just FOLDER); repeat for each policy",
+                            required=True)
     reference: str = cfg("", "reference policy folder (the SFT model): KL and alignment tax are measured from it; "
                              "empty = the first --policy")
     reward: str = cfg("", "reward-model folder (reward/train.py's final/): RM score, normalised with its "
                           "reward_stats.json; empty = no RM score")
-    reward_funcs: list[str] = cfg([], "your own rules, module:function or path/file.py:function, each called as "
-                                      "function(messages, reply_text) -> float; one column each")
+    reward_funcs: list[str] = cfg([], "your own rules, module:function or path/file.py:function (as PPO's "
+                                      "reward_funcs), each called as function(messages, reply_text) -> float; one "
+                                      "column each")
     demo_reward: Optional[bool] = cfg(None, "the demo's rule data.demo_reward.true_reward; None = only when the "
                                             "prompts file is the demo's (data/demo/)")
-    prompts: str = cfg("", "held-out prompts (records with a 'prompt', or conversations: their last reply is dropped)")
+    prompts: str = cfg("", "held-out prompts (records with a 'prompt', or conversations: their last reply is "
+                           "dropped)", required=True)
     heldout: str = cfg("", "held-out pretraining text ({'text'}) for the LM loss and alignment tax; empty = none")
     tokenizer: Optional[str] = cfg(None, "None = the reference folder's own; or 'qwen2', 'small', 'demo' or a folder")
     model_impl: str = cfg("auto", "'auto' (the custom model for Qwen2/Qwen3 folders, transformers for others), "
@@ -58,20 +63,12 @@ class EvalConfig:
     out: str = cfg("runs/eval", "folder for eval.json and eval.md")
 
     def validate(self):
-        if not self.policy:
-            raise ConfigError("give --policy NAME=FOLDER (one or more) and --prompts FILE")
-        if not self.prompts:
-            raise ConfigError("--prompts is required: a file of held-out prompts ({'prompt': [messages]} per line)")
+        if any(p.startswith("=") or p.endswith("=") for p in self.policy):
+            raise ConfigError(f"--policy takes NAME=FOLDER or FOLDER, got {self.policy}")
         if self.n < 1 or self.max_new_tokens < 1 or self.max_prompts < 1 or self.max_prompt_len < 1:
             raise ConfigError("n, max_new_tokens, max_prompts and max_prompt_len must be >= 1")
         if self.model_impl not in ("auto", "custom", "hf"):
             raise ConfigError(f"model_impl must be auto, custom or hf, got {self.model_impl!r}")
-        for name, path in [("reference", self.reference), ("reward", self.reward)] + policies(self):
-            if path and not (Path(path) / "config.json").is_file():
-                raise ConfigError(f"{name}: {path} is not a model folder (no config.json)")
-        for f in [self.prompts] + ([self.heldout] if self.heldout else []):
-            if not Path(f).is_file():
-                raise ConfigError(f"{f}: no such file")
 
 
 def policies(c: EvalConfig) -> list[tuple[str, str]]:
@@ -123,6 +120,23 @@ def rm_scores(rm, stats, tok, rtok, ro, messages) -> torch.Tensor:
     return (r - stats["mean"]) / stats["std"] if stats else r
 
 
+def check_start(c: EvalConfig) -> None:
+    """Before any model loads: the output folder, every model folder and the data files (read and validated once)."""
+    from common.preflight import check_model_folder, check_output_dir
+    from data.datasets import check_records
+
+    check_output_dir(c.out, "--out")
+    folders = [(f"--policy {name}", path) for name, path in policies(c)]
+    folders += [(f"--{f}", getattr(c, f)) for f in ("reference", "reward") if getattr(c, f)]
+    for name, path in folders:
+        check_model_folder(path, name)
+    check_records(c.prompts, kind="prompt")
+    if c.heldout:
+        check_records(c.heldout, kind="text")
+    else:
+        print("[eval] no held-out text (--heldout): no alignment tax is measured", flush=True)
+
+
 def load_inputs(c: EvalConfig):
     """Tokenizer (the reference folder's unless named), prompts, held-out rows; every policy's tokenizer checked."""
     from data.datasets import build_prompt_examples, build_text_examples, load_records
@@ -143,8 +157,10 @@ def load_inputs(c: EvalConfig):
         heldout = []
         if c.heldout:
             heldout = build_text_examples(load_records(c.heldout, kind="text")[0], tok, c.seq_len)[:c.heldout_rows]
-    except (ValueError, FileNotFoundError) as e:
-        raise ConfigError(str(e)) from None
+    except ValueError as e:  # a record the chat template cannot render (files were checked by check_start)
+        if isinstance(e, (ConfigError, InputError)):
+            raise
+        raise InputError(f"{c.prompts}: {e}") from None
     print(f"[eval] {c.prompts}: {report.summary()}", flush=True)
     return reference, tok, prompts, heldout
 
@@ -152,11 +168,14 @@ def load_inputs(c: EvalConfig):
 def evaluate(c: EvalConfig) -> dict:
     from align.experience import heldout_loss, stop_ids
     from align.models import load_causal_lm_any
-    from align.reward_funcs import call_reward_func, load_reward_funcs
+    from align.rl import call_reward_funcs, load_reward_func
     from model.checkpoint import generation_eos_ids
     from reward.model import load_reward_model, load_tokenizer
 
-    funcs = load_reward_funcs(c.reward_funcs)
+    check_start(c)
+    funcs = [load_reward_func(spec) for spec in c.reward_funcs]  # PPO's loader: one line naming a broken spec
+    short = [getattr(fn, "__name__", spec) for spec, fn in funcs]  # a column per function: its name, unless shared
+    funcs = [(n if short.count(n) == 1 else spec, fn) for n, (spec, fn) in zip(short, funcs)]
     if use_demo_reward(c):
         from data.demo_reward import true_reward
 
@@ -178,8 +197,8 @@ def evaluate(c: EvalConfig) -> dict:
         ro = sample(policy, [p["prompt_ids"] for p in prompts], c, pad, stop)
         msgs = [prompts[i]["messages"] for i in ro.prompt_index]
         texts = [tok.decode([t for t in r if t not in stop], skip_special_tokens=True) for r in ro.response_ids]
-        r = {fname: sum(call_reward_func(fname, fn, m, t) for m, t in zip(msgs, texts)) / len(texts)
-             for fname, fn in funcs}
+        _, values = call_reward_funcs(funcs, [1.0] * len(funcs), msgs, texts, ro.prompt_index)
+        r = {fname: sum(v) / len(v) for fname, v in values.items()}
         if rm is not None:
             r["rm_score"] = rm_scores(rm, stats, tok, rtok, ro, msgs).mean().item()
         r["kl"] = sequence_kl(policy, reference, ro, pad).mean().item()
@@ -219,12 +238,9 @@ def format_table(res: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     from common.atomic import atomic_write_json, atomic_write_text
 
-    try:
+    with user_errors():  # a config or input mistake (a reward function's failure too): one paragraph, exit status 2
         c = parse_config(EvalConfig, sys.argv[1:] if argv is None else argv)
         res = evaluate(c)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
     atomic_write_json(Path(c.out) / "eval.json", res)
     atomic_write_text(Path(c.out) / "eval.md", format_table(res) + "\n")
     print(format_table(res))

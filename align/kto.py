@@ -37,7 +37,7 @@ import torch
 from align.kto_losses import kl_reference_point, kto_loss, weight_advice
 from align.models import LORA_TARGETS, build_base_model, build_model, save_model
 from align.sequences import SequenceLogprobs, reference_mode, score_sequences, sequence_batch
-from common.config import ConfigError, cfg
+from common.config import ConfigError, InputError, cfg
 from common.run import RUN_CONTROL, run_main
 from data.template import load_chat_tokenizer
 from data.tokenizer import load_tokenizer  # noqa: F401  (used by tests)
@@ -63,7 +63,8 @@ class KTOConfig:
     lora_target_modules: list[str] = cfg(LORA_TARGETS, "module names that get LoRA adapters")
     # --- data ---
     train_files: list[str] = cfg([], "rated replies: unpaired.jsonl from data.feedback or TRL unpaired records "
-                                     "(prompt/completion/label); preference files are split into both labels")
+                                     "(prompt/completion/label); preference files are split into both labels",
+                                 required=True)
     seq_len: int = cfg(2048, "longest prompt + completion in tokens")
     truncation: str = cfg("drop", "rows longer than seq_len: 'drop' or 'truncate' (the prompt is cut from the left)")
     # --- loss (KTO paper: beta 0.1, lambda_D = lambda_U = 1 for balanced data) ---
@@ -115,8 +116,6 @@ class KTOConfig:
         if self.init_config is not None and not self.tokenizer:
             raise ConfigError("init_config builds a model with no tokenizer of its own: name one with --tokenizer "
                               "(qwen2, small, demo or a tokenizer folder)")
-        if not self.train_files:
-            raise ConfigError("train_files is empty: give at least one file of rated replies")
         if self.reference not in ("cached", "online"):
             raise ConfigError(f"reference must be 'cached' or 'online', got {self.reference!r}")
         if self.precision not in ("auto", "bf16", "fp32") or self.truncation not in ("drop", "truncate"):
@@ -152,12 +151,30 @@ def build_rows(c: KTOConfig, tokenizer) -> tuple[list[dict], str]:
             records = [{"prompt": p, "completion": [reply], "label": label} for p, chosen, rejected in
                        map(preference_parts, records) for reply, label in ((chosen, True), (rejected, False))]
         elif kind != "unpaired":
-            raise ValueError(f"{path}: holds {kind} records; KTO needs rated replies {{prompt, completion, label}} "
+            raise InputError(f"{path}: holds {kind} records; KTO needs rated replies {{prompt, completion, label}} "
                              f"(unpaired.jsonl from `python -m data.feedback`) or preference pairs")
         ex, report = build_unpaired_examples(records, tokenizer, c.seq_len, truncation=c.truncation)
         rows += ex
         reports.append(f"{path}: {kind} records, {report.summary()}")
     return rows, "\n".join(reports)
+
+
+def check_start(c: KTOConfig) -> None:
+    """Phase 0, before the accelerator and any model: output_dir, the model folder (or init_config) and every file
+    of ratings (read and validated once; build_rows takes the result). A mistake here fails in seconds."""
+    from common.preflight import check_config_file, check_model_folder, check_output_dir
+    from data.datasets import check_records
+
+    check_output_dir(c.output_dir)
+    if c.model_path is not None:
+        check_model_folder(c.model_path, "model_path")
+    else:
+        check_config_file(c.init_config, "init_config")
+    for path in c.train_files:
+        _, kind = check_records(path)
+        if kind not in ("unpaired", "preference"):
+            raise InputError(f"{path}: holds {kind} records; KTO needs rated replies {{prompt, completion, label}} "
+                             f"(unpaired.jsonl from `python -m data.feedback`) or preference pairs")
 
 
 def kl_donors(idx: list[int]) -> dict[int, int]:
@@ -264,10 +281,14 @@ def train(c: KTOConfig) -> list[float]:
     from tqdm.auto import tqdm
 
     from common.guard import check_finite
-    from common.loop import (begin_run, full_weights, mini_batch_rows, rank_micro_batches, restore_run_state,
-                             steps_per_epoch)
+    from common.loop import (batch_words, begin_run, check_warmup, full_weights, mini_batch_rows,
+                             rank_micro_batches, restore_run_state, steps_per_epoch)
     from common.metrics import plot_metrics
     from common.optim import build_adamw, warmup_cosine
+    from common.preflight import check_vocab
+
+    # 0. checks that need no model (paths, data files): seconds
+    check_start(c)
 
     # 1. accelerator, run folder (lock, run id, config check, resume point), seed
     acc, run = begin_run(c, "kto")
@@ -275,15 +296,17 @@ def train(c: KTOConfig) -> list[float]:
 
     # 2. tokenizer and rows (every rank builds the same list; the batch plan picks each rank's share)
     tokenizer = load_chat_tokenizer(c.tokenizer, c.model_path, "kto", acc.is_main_process)
+    check_vocab(tokenizer, c.model_path or c.init_config, "model_path" if c.model_path else "init_config",
+                c.tokenizer)  # from config.json, before the model loads
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     rows, report = build_rows(c, tokenizer)
     mini = c.micro_batch_size_per_rank * c.grad_accum_steps * W
     if mini < 2:
         raise ConfigError("KTO estimates its KL reference point from mismatched pairs within the mini batch: need "
                           "micro_batch_size_per_rank x grad_accum_steps x ranks >= 2")
-    total = c.max_steps or c.num_epochs * steps_per_epoch(len(rows), mini, source=", ".join(c.train_files))
-    if c.warmup_steps >= total:
-        raise ConfigError(f"warmup_steps ({c.warmup_steps}) must be < the {total} optimizer steps of this run")
+    spe = steps_per_epoch(len(rows), mini, source=", ".join(c.train_files), batch=batch_words(c, W))
+    total = c.max_steps or c.num_epochs * spe
+    check_warmup(c.warmup_steps, total)
     plan = lambda s: mini_batch_rows(s, len(rows), mini, c.seed)  # noqa: E731  rows of step s, a pure function
     n_d = sum(r["label"] for r in rows)
     advice = weight_advice(n_d, len(rows) - n_d, c.desirable_weight, c.undesirable_weight)

@@ -36,19 +36,22 @@ def _stat(x: torch.Tensor, mask: torch.Tensor, total: float | None = None) -> to
 
 # ---------------------------------------------------------------------------------------------------- losses
 def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                    clip: float = 0.2, reduce=token_mean, total: float | None = None):
+                    clip: float = 0.2, reduce=token_mean, total: float | None = None, n_tokens: float | None = None):
     """Clipped surrogate (Schulman et al. 2017): max(-A r, -A clip(r, 1-e, 1+e)), r = exp(logp - old_logp).
 
-    logp (B, R) with gradient; old_logp, advantages (B, R) fixed. Returns (loss, stats): clip_frac = share of
-    tokens where the clipped term is the active one, approx_kl = mean((r - 1) - log r) (>= 0, Schulman's k3).
+    logp (B, R) with gradient; old_logp, advantages (B, R) fixed; `reduce(x, mask, total)` aggregates the loss
+    (token_mean, or a sequence reduction whose `total` counts responses). Returns (loss, stats): clip_frac = share
+    of tokens where the clipped term is the active one, approx_kl = mean((r - 1) - log r) (>= 0, Schulman's k3),
+    both token means over `n_tokens` (the mini batch's tokens; default `total` under token_mean, else this shard's).
     """
     log_ratio = torch.where(mask > 0, logp - old_logp, 0.0)  # (B, R); padding masked before exp (no inf)
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
     loss = reduce(torch.maximum(unclipped, clipped), mask, total)
-    stats = {"policy_clip_frac": _stat((clipped > unclipped).float(), mask, total),
-             "approx_kl": _stat((ratio - 1.0) - log_ratio, mask, total)}
+    n_tokens = n_tokens if n_tokens is not None else total if reduce is token_mean else None
+    stats = {"policy_clip_frac": _stat((clipped > unclipped).float(), mask, n_tokens),
+             "approx_kl": _stat((ratio - 1.0) - log_ratio, mask, n_tokens)}
     return loss, stats
 
 
@@ -114,7 +117,7 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1"
     """Per-token KL(pi || ref) estimate on tokens sampled from pi (Schulman, "Approximating KL divergence").
 
     k1 = logp - ref_logp (unbiased, can be negative per token); k3 = exp(r) - 1 - r with r = ref_logp - logp
-    (unbiased, never negative: PITFALLS 8). logp, ref_logp (B, R) -> (B, R).
+    (unbiased, never negative: docs/PITFALLS.md#ppo-stability). logp, ref_logp (B, R) -> (B, R).
     """
     if estimator == "k1":
         return logp - ref_logp
@@ -128,7 +131,7 @@ def shape_rewards(score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, coe
                   has_eos: torch.Tensor, eos_missing_penalty: float = 0.0) -> torch.Tensor:
     """Per-token rewards (B, R): -coef * kl on every response token, plus on the last real token the (normalised)
     score minus `eos_missing_penalty` when the response did not end with a stop token (Ziegler et al. 2019;
-    the penalty discourages max-length rambling, PITFALLS 8).
+    the penalty discourages max-length rambling, docs/PITFALLS.md#ppo-stability).
 
     score (B,), kl (B, R), mask (B, R), has_eos (B,) bool.
     """

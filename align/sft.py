@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from align.models import LORA_TARGETS, build_model, save_model
-from common.config import ConfigError, cfg
+from common.config import ConfigError, InputError, cfg
 from common.run import RUN_CONTROL, run_main
 from data.template import load_chat_tokenizer
 from data.tokenizer import load_tokenizer  # noqa: F401  (also used by tests)
@@ -46,7 +46,10 @@ class SFTConfig:
     lora_dropout: float = cfg(0.0, "dropout on the LoRA input")
     lora_target_modules: list[str] = cfg(LORA_TARGETS, "module names that get LoRA adapters")
     # --- data ---
-    train_files: list[str] = cfg([], "SFT data files ({'messages': [...]} JSONL/JSON/parquet/arrow)")
+    train_files: list[str] = cfg([], "SFT data files ({'messages': [...]} JSONL/JSON/parquet/arrow)", required=True)
+    keep_negative: bool = cfg(False, "a file of rated replies (prompt/completion/label, data.feedback's "
+                                     "unpaired.jsonl) is refused, since SFT would learn its thumbs-down replies too; "
+                                     "true: read it anyway and learn only the thumbs-up replies (label true)")
     data_kind: str = cfg("sft", "'sft': conversations, loss on the masked-in tokens; 'text': plain text ({'text'}), "
                                 "every token learned, packed (base-model pretraining / continued pretraining)")
     mask: str = cfg("all_assistant", "loss-mask strategy: all_assistant, last_assistant, qwen_finetune")
@@ -99,8 +102,6 @@ class SFTConfig:
         if self.init_config is not None and not self.tokenizer:
             raise ConfigError("init_config builds a model with no tokenizer of its own: name one with --tokenizer "
                               "(qwen2, small, demo or a tokenizer folder)")
-        if not self.train_files:
-            raise ConfigError("train_files is empty: give at least one SFT data file")
         if self.data_kind not in ("sft", "text"):
             raise ConfigError(f"data_kind must be 'sft' or 'text', got {self.data_kind!r}")
         if self.mask not in ("all_assistant", "last_assistant", "qwen_finetune"):
@@ -140,6 +141,8 @@ def build_rows(c: SFTConfig, tokenizer) -> tuple[list[dict], str]:
         return examples, "\n".join(reports)
     for path in c.train_files:
         records, kind = load_records(path, kind="sft")
+        records, note = thumbs_up_only(records, path, c.keep_negative)
+        reports += [note] if note else []
         ex, report = build_sft_examples(records, tokenizer, c.seq_len, mask=c.mask, truncation=c.truncation)
         examples += ex
         reports.append(f"{path}: {report.summary()}")
@@ -147,6 +150,42 @@ def build_rows(c: SFTConfig, tokenizer) -> tuple[list[dict], str]:
         random.Random(c.seed).shuffle(examples)
         examples = pack_examples(examples, c.seq_len)
     return examples, "\n".join(reports)
+
+
+def thumbs_up_only(records: list[dict], path: str, keep_negative: bool) -> tuple[list[dict], str]:
+    """A file of rated replies ({prompt, completion, label}: data.feedback's unpaired.jsonl) reads as prompt /
+    completion SFT data, thumbs-down replies included: refused unless keep_negative, then only label-true rows are
+    kept. -> (records to learn, a note for the report; "" for a file without ratings)."""
+    rated = sum("label" in r for r in records)
+    if not rated:
+        return records, ""
+    kept = [r for r in records if r.get("label", True) is True]
+    down = len(records) - len(kept)
+    if not keep_negative:
+        raise InputError(f"{path}: {rated} of its {len(records)} records are rated replies (prompt, completion, "
+                         f"label: data.feedback's unpaired.jsonl), {down} of them thumbs-down; SFT would learn "
+                         f"those replies too. Train on ratings with align/kto.py, or pass --keep_negative true to "
+                         f"learn only the {rated - down} thumbs-up replies")
+    if not kept:
+        raise InputError(f"{path}: all {rated} rated replies are thumbs-down; nothing for SFT to learn")
+    return kept, f"{path}: --keep_negative: learning {rated - down} thumbs-up replies, skipped {down} thumbs-down"
+
+
+def check_start(c: SFTConfig) -> None:
+    """Phase 0, before the accelerator and any model: output_dir, the model folder (or init_config) and every data
+    file (read and validated once; build_rows takes the result). A mistake here fails in seconds."""
+    from common.preflight import check_config_file, check_model_folder, check_output_dir
+    from data.datasets import check_records
+
+    check_output_dir(c.output_dir)
+    if c.model_path is not None:
+        check_model_folder(c.model_path, "model_path")
+    else:
+        check_config_file(c.init_config, "init_config")
+    for path in c.train_files:
+        records, _ = check_records(path, kind="text" if c.data_kind == "text" else "sft")
+        if c.data_kind == "sft":
+            thumbs_up_only(records, path, c.keep_negative)
 
 
 class LogprobWrapper(torch.nn.Module):
@@ -189,12 +228,16 @@ def train(c: SFTConfig) -> list[float]:
     from tqdm.auto import tqdm
 
     from common.guard import check_finite
-    from common.loop import (begin_run, full_weights, mini_batch_rows, rank_micro_batches, restore_run_state,
-                             steps_per_epoch)
+    from common.loop import (batch_words, begin_run, check_warmup, full_weights, mini_batch_rows,
+                             rank_micro_batches, restore_run_state, steps_per_epoch)
     from common.metrics import plot_metrics
     from common.optim import build_adamw, warmup_cosine
+    from common.preflight import check_vocab
     from data.datasets import collate
     from data.template import chat_format
+
+    # 0. checks that need no model (paths, data files): seconds
+    check_start(c)
 
     # 1. accelerator, run folder (lock, run id, config check, resume point), seed
     acc, run = begin_run(c, "sft")
@@ -202,15 +245,20 @@ def train(c: SFTConfig) -> list[float]:
 
     # 2. tokenizer and rows (every rank builds the same rows; the batch plan picks each rank's share)
     tokenizer = load_chat_tokenizer(c.tokenizer, c.model_path, "sft", acc.is_main_process, chat=c.data_kind == "sft")
+    check_vocab(tokenizer, c.model_path or c.init_config, "model_path" if c.model_path else "init_config",
+                c.tokenizer)  # from config.json, before the model loads
     if c.data_kind == "sft" and c.mask == "qwen_finetune" and not chat_format(tokenizer).fast:
         raise ConfigError("mask qwen_finetune is ChatML's rule and this tokenizer's chat template is rendered by "
                           "the template itself; use all_assistant or last_assistant")
     rows, report = build_rows(c, tokenizer)
     mini = c.micro_batch_size_per_rank * c.grad_accum_steps * W
-    spe = steps_per_epoch(len(rows), mini, source=", ".join(c.train_files))
+    spe = steps_per_epoch(len(rows), mini, source=", ".join(c.train_files), batch=batch_words(c, W))
     total = c.max_steps or c.num_epochs * spe
-    if c.warmup_steps >= total:
-        raise ConfigError(f"warmup_steps ({c.warmup_steps}) must be < the {total} optimizer steps of this run")
+    check_warmup(c.warmup_steps, total)
+    if c.max_steps and c.max_steps > 10 * spe and acc.is_main_process:
+        print(f"[sft] warning: max_steps {c.max_steps} is {c.max_steps / spe:.0f} passes over the data ({len(rows)} "
+              f"rows, {spe} mini batches of {mini} per pass); lower max_steps, or set max_steps null and num_epochs",
+              flush=True)
     n_learned = [learned_tokens(r) for r in rows]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 

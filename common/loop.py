@@ -23,12 +23,31 @@ from common.run import RunRefused
 DEEPSPEED_DIR, DEEPSPEED_TAG, ZERO_FILE = "deepspeed", "zero", "zero.json"  # <checkpoint>/deepspeed/zero/...
 
 
-def steps_per_epoch(n_rows: int, mini_batch: int, source: str = "data") -> int:
-    """Full mini batches per pass over `n_rows` (the remainder is dropped); zero steps is an error."""
+def steps_per_epoch(n_rows: int, mini_batch: int, source: str = "data",
+                    batch: str = "micro batch x grad-accum x ranks") -> int:
+    """Full mini batches per pass over `n_rows` (the remainder is dropped); zero steps is a ConfigError naming the
+    fields to lower (`batch` spells the mini batch out with the trainer's field names)."""
     if n_rows < mini_batch:
-        raise ValueError(f"{source}: {n_rows} rows is fewer than one mini batch of {mini_batch} "
-                         f"(micro batch x grad-accum x ranks); add data or lower the batch size")
+        from common.config import ConfigError
+
+        raise ConfigError(f"{source}: {n_rows} rows is fewer than one mini batch of {mini_batch} ({batch}): lower "
+                          f"grad_accum_steps (or micro_batch_size_per_rank), or add data")
     return n_rows // mini_batch
+
+
+def batch_words(c, ranks: int) -> str:
+    """'micro_batch_size_per_rank 1 x grad_accum_steps 128 x 1 rank(s)': the mini batch in field names."""
+    return (f"micro_batch_size_per_rank {c.micro_batch_size_per_rank} x grad_accum_steps {c.grad_accum_steps} x "
+            f"{ranks} rank(s)")
+
+
+def check_warmup(warmup_steps: int, total: int) -> None:
+    """The schedule's warmup must end before the run does (paper-scale warmups do not fit small data)."""
+    if warmup_steps >= total:
+        from common.config import ConfigError
+
+        raise ConfigError(f"warmup_steps ({warmup_steps}) must be < the {total} optimizer steps of this run: lower "
+                          f"warmup_steps (or raise max_steps / num_epochs)")
 
 
 def mini_batch_rows(step: int, n_rows: int, mini_batch: int, seed: int) -> list[int]:

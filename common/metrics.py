@@ -47,8 +47,10 @@ def parse_report_to(value: str | None) -> list[str]:
 
 def start_trackers(names: list[str], out_dir: Path, kind: str, run_id: str, config: dict | None) -> list:
     """accelerate trackers for the names other than tensorboard, started, with the run's config stored."""
+    from accelerate import PartialState
     from accelerate.tracking import LOGGER_TYPE_TO_CLASS
 
+    PartialState()  # accelerate's trackers log through its logging, which needs the state (set by the Accelerator)
     trackers = []
     for n in names:
         if n == "tensorboard":

@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterator
 
 from common.atomic import atomic_write_json, fsync_dir, sweep_stale
 from common.checkpoint import check_no_pickle, list_checkpoints, read_meta
-from common.config import ConfigError, save_config
+from common.config import ConfigError, InputError, save_config
 from common.failpoint import failpoint
 from common.lock import LOCK_NAME, LockedError, RunLock, exit_with_parent, launched_by_launcher
 from common.safestate import UnsafeStateError
@@ -391,8 +391,12 @@ def open_run(acc, c, kind: str) -> RunDir:
 
 # ----------------------------------------------------------------------------------------------------------------
 def run_main(cls, train: Callable, argv: list[str] | None = None) -> None:
-    """An entry point's main: parse the config, train, and turn the errors a user can act on into one line
-    (config and refusals: exit 2; a finished run: its message, exit 0; file system, NaN: exit 1)."""
+    """An entry point's main: parse the config, train, and turn the errors a user can act on into one paragraph
+    (config, input data and refusals: exit 2; a finished run: its message, exit 0; file system, NaN: exit 1).
+
+    Under a launcher with several processes every rank meets the same config or input error; the main process
+    prints it, the others print theirs only if they are still running a few seconds later (the launcher stops them
+    once the main process has exited), so the message is shown once."""
     from common.config import parse_config
     from common.guard import NonFiniteLossError
     from common.safestate import UnsafeStateError
@@ -412,6 +416,8 @@ def run_main(cls, train: Callable, argv: list[str] | None = None) -> None:
             code, text = 2, f"run error: {e}"
         except ConfigError as e:
             code, text = 2, f"config error: {e}"
+        except InputError as e:
+            code, text = 2, f"input error: {e}"
         except (RunIOError, NonFiniteLossError) as e:
             code, text = 1, f"error: {e}"
         except OSError as e:
@@ -422,6 +428,10 @@ def run_main(cls, train: Callable, argv: list[str] | None = None) -> None:
     import gc
 
     gc.collect()  # the trainer's frames go now: a progress bar left open draws its last line before ours
+    if code == 2 and not main_rank:
+        import time
+
+        time.sleep(5)  # the main process prints this error (and the launcher then stops this one)
     if main_rank or code:
         print(text, file=sys.stderr if code else sys.stdout, flush=True)
     raise SystemExit(code)

@@ -37,7 +37,8 @@ from reward.model import (STATS_FILE, add_reward_token, fit_embeddings, load_rew
 @dataclass
 class RewardConfig:
     # --- model ---
-    model_path: str = cfg("", "PMP: the same-size causal-LM folder; finetune: the PMP reward-model folder")
+    model_path: str = cfg("", "PMP: the same-size causal-LM folder; finetune: the PMP reward-model folder",
+                          required=True)
     model_impl: str = cfg("custom", "'custom' = model.qwen (Qwen2/Qwen3 folders), 'hf' = any transformers backbone "
                                     "(AutoModelForSequenceClassification, e.g. Llama, GPT-NeoX, GPT-2)")
     tokenizer: Optional[str] = cfg(None, "None = the model folder's own (vocabulary, special tokens, chat template); "
@@ -49,7 +50,8 @@ class RewardConfig:
     sparse_embedding_grad: bool = cfg(True, "embedding gradient as sparse rows, densified once per step (exact, "
                                             "faster with a large vocab; ignored under DeepSpeed)")
     # --- data ---
-    train_files: list[str] = cfg([], "preference files (prompt/chosen/rejected JSONL, JSON, parquet, arrow)")
+    train_files: list[str] = cfg([], "preference files (prompt/chosen/rejected JSONL, JSON, parquet, arrow)",
+                                 required=True)
     eval_files: list[str] = cfg([], "held-out preference files: accuracy and margin logged at eval_every and the end")
     norm_files: list[str] = cfg([], "reference set for the score mean/std saved for PPO; empty = eval_files")
     norm_max_pairs: int = cfg(1000, "at most this many reference pairs (their chosen and rejected scores)")
@@ -88,10 +90,6 @@ class RewardConfig:
     RESUME_MAY_CHANGE = RUN_CONTROL + ("eval_every",)
 
     def validate(self):
-        if not self.model_path:
-            raise ConfigError("model_path is required: the causal LM (PMP) or the PMP reward model (finetune)")
-        if not self.train_files:
-            raise ConfigError("train_files is empty: give at least one preference file")
         if self.model_impl not in ("custom", "hf"):
             raise ConfigError(f"model_impl must be 'custom' or 'hf', got {self.model_impl!r}")
         if self.precision not in ("auto", "bf16", "fp32"):
@@ -124,6 +122,18 @@ def build_pairs(files: list[str], tokenizer, c: RewardConfig) -> tuple[list[dict
     return pairs, "\n".join(reports)
 
 
+def check_start(c: RewardConfig) -> None:
+    """Phase 0, before the accelerator and any model: output_dir, the model folder and every pair file (read and
+    validated once; build_pairs takes the result). A mistake here fails in seconds."""
+    from common.preflight import check_model_folder, check_output_dir
+    from data.datasets import check_records
+
+    check_output_dir(c.output_dir)
+    check_model_folder(c.model_path, "model_path")
+    for path in dict.fromkeys(c.train_files + c.eval_files + c.norm_files):
+        check_records(path, kind="preference")
+
+
 def evaluate(model, pairs: list[dict], pad_id: int, reward_id: int, batch_size: int, device) -> dict[str, float]:
     """Pairwise accuracy and mean margin on held-out pairs (model switched to eval mode and back)."""
     was_training = model.training
@@ -144,8 +154,13 @@ def train(c: RewardConfig) -> list[float]:
     from tqdm.auto import tqdm
 
     from common.guard import check_finite
-    from common.loop import begin_run, mini_batch_rows, rank_micro_batches, restore_run_state, steps_per_epoch
+    from common.loop import (batch_words, begin_run, check_warmup, mini_batch_rows, rank_micro_batches,
+                             restore_run_state, steps_per_epoch)
     from common.optim import SparseEmbeddingGrad, build_adamw, constant_with_warmup
+    from common.preflight import check_vocab
+
+    # 0. checks that need no model (paths, data files): seconds
+    check_start(c)
 
     # 1. accelerator, run folder (lock, run id, config check, resume point), seed
     acc, run = begin_run(c, "reward")
@@ -153,16 +168,16 @@ def train(c: RewardConfig) -> list[float]:
 
     # 2. tokenizer and pairs (every rank builds the same list; the batch plan picks each rank's share)
     tokenizer = load_chat_tokenizer(c.tokenizer, c.model_path, "reward", acc.is_main_process)
+    check_vocab(tokenizer, c.model_path, "model_path", c.tokenizer)  # config.json, before the model loads
     added = add_reward_token(tokenizer)  # Qwen2/2.5/3's own tokenizers lack it: one new special token
     reward_id = reward_token_id(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     pairs, report = build_pairs(c.train_files, tokenizer, c)
     eval_pairs, eval_report = build_pairs(c.eval_files, tokenizer, c) if c.eval_files else ([], "")
     mini = c.micro_batch_size_per_rank * c.grad_accum_steps * W
-    spe = steps_per_epoch(len(pairs), mini, source=", ".join(c.train_files))
+    spe = steps_per_epoch(len(pairs), mini, source=", ".join(c.train_files), batch=batch_words(c, W))
     total = c.max_steps or c.num_epochs * spe
-    if c.warmup_steps >= total:
-        raise ConfigError(f"warmup_steps ({c.warmup_steps}) must be < the {total} optimizer steps of this run")
+    check_warmup(c.warmup_steps, total)
 
     # 3. model (same-size LM backbone + fresh head, or the PMP model), optimizer, constant schedule
     model = load_reward_model(str(resume_dir / "model") if resume_dir else c.model_path, head_seed=c.head_seed,

@@ -246,3 +246,28 @@ def test_sequence_mean_token_sum_by_hand():
     assert token_mean(x, mask).item() == 2.0 and sequence_mean(x, mask).item() == 2.25
     shards = [sequence_mean_token_sum(x[s], mask[s], total=2, scale=4) for s in (slice(0, 1), slice(1, 2))]
     assert (shards[0] + shards[1]).item() == 0.75
+
+
+def test_policy_loss_with_a_sequence_reduction_by_hand():
+    """test_policy_loss_by_hand's tokens, reduced Dr. GRPO's way (align.rl.reduction): per-token terms
+    [-1.2, -0.5 | 0.8, 2.0], per-reply sums [-1.7, 2.8], / (2 replies x budget 3) = 1.1 / 6 = 0.183333. The stats
+    stay token means, over `n_tokens` (the mini batch's tokens: 8 here, so clip_frac 2/8); without n_tokens, this
+    shard's 4 tokens (never the reply count). Gradient: unclipped tokens -A r / 6: -0.5 / 6 and 2 / 6."""
+    import functools
+
+    from align.rl import reduction
+
+    logp = torch.tensor([[LN2, -LN2, 100.0], [-LN2, LN2, 100.0]], requires_grad=True)
+    old, adv = torch.zeros(2, 3), torch.tensor([[1.0, 1.0, 100.0], [-1.0, -1.0, 100.0]])
+    reduce, total = reduction("sequence_mean_token_sum", n_sequences=2, n_tokens=8.0, max_new_tokens=3)
+    assert isinstance(reduce, functools.partial) and total == 2
+    loss, stats = ppo_policy_loss(logp, old, adv, MASK, 0.2, reduce=reduce, total=total, n_tokens=8.0)
+    assert loss.item() == pytest.approx(1.1 / 6, abs=1e-6)
+    assert stats["policy_clip_frac"].item() == pytest.approx(0.25)
+    assert stats["approx_kl"].item() == pytest.approx(0.125, abs=1e-6)
+    loss.backward()
+    torch.testing.assert_close(logp.grad, torch.tensor([[0.0, -0.5 / 6, 0.0], [0.0, 2.0 / 6, 0.0]]))
+    _, stats = ppo_policy_loss(logp, old, adv, MASK, 0.2, reduce=reduce, total=total)
+    assert stats["policy_clip_frac"].item() == pytest.approx(0.5)
+    assert reduction("token_mean", 2, 8.0, 3) == (token_mean, 8.0)
+    assert reduction("sequence_mean", 2, 8.0, 3) == (sequence_mean, 2)

@@ -40,7 +40,7 @@ TINY = {"model_type": "qwen2", "vocab_size": 1000, "hidden_size": 64, "intermedi
         "tie_word_embeddings": True, "eos_token_id": 998, "pad_token_id": 996}
 WORDS = "apple banana cherry dog egg fish grape house ice jam kite lemon".split()
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-TIMING = ("time_", "tokens_per_s", "step_s", "pairs_per_s", "sync_share", "episodes_per_s")
+TIMING = ("time_", "tokens_per_s", "step_s", "pairs_per_s", "rows_per_s", "sync_share", "episodes_per_s")
 
 
 @pytest.fixture(scope="module")
@@ -262,8 +262,8 @@ def test_output_dir_that_is_a_file_is_one_line(world, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         sft.main(cli(sft_values(world, tmp_path / "file")))
     err = capsys.readouterr().err
-    assert e.value.code == 2 and err == f"run error: output_dir {tmp_path / 'file'} is a file, not a folder; give a " \
-                                        f"folder path\n"
+    assert e.value.code == 2 and err == f"config error: output_dir {tmp_path / 'file'} is a file, not a folder; " \
+                                        f"give a folder path (it is created if missing)\n"  # phase 0, no model loaded
 
 
 def test_torn_metrics_line_is_cut_on_resume(world, tmp_path, capsys):

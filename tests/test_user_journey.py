@@ -155,11 +155,10 @@ def journey(kind: str, root: Path, small_tok) -> dict:
         run_stage(align.kto.main, ["--model_path", str(out / "sft" / "final"), "--train_files",
                                    str(data / "ratings.jsonl"), "--lr", "1e-4", "--output_dir", str(out / "kto"),
                                    *common, *hf])
-    # (--pretrain_files / --heldout_files / --ptx_coef are given while PPOConfig still defaults to the demo's text)
+    # no pretraining or held-out text: PPO runs without ptx and measures no alignment tax (it says so at start)
     run_stage(align.ppo.main, ["--policy_path", str(out / "sft" / "final"), "--reward_path", str(out / "rm" / "final"),
-                               "--prompt_files", str(data / "prompts.jsonl"), "--pretrain_files", "",
-                               "--heldout_files", "", "--ptx_coef", "0", "--value_warmup_steps", "1", "--max_steps",
-                               "3", "--rollout_batch_prompts", "4", "--micro_batch_size", "4", "--max_new_tokens",
+                               "--prompt_files", str(data / "prompts.jsonl"), "--value_warmup_steps", "1",
+                               "--max_steps", "3", "--rollout_batch_prompts", "4", "--micro_batch_size", "4", "--max_new_tokens",
                                "12", "--policy_lr", "1e-4", "--value_lr", "1e-4", "--output_dir", str(out / "ppo"),
                                *hf])
     res = run_stage(align.evaluate.main, ["--policy", f"SFT={out / 'sft' / 'final'}", "--policy",
@@ -171,7 +170,10 @@ def journey(kind: str, root: Path, small_tok) -> dict:
     return {"model": model, "data": data, "out": out, "eval": res}
 
 
-@pytest.fixture(scope="module", params=["qwen2.5", "qwen3", pytest.param("llama", marks=pytest.mark.slow)])
+pytestmark = pytest.mark.slow  # each folder's journey takes minutes on 2 cores
+
+
+@pytest.fixture(scope="module", params=["qwen2.5", "qwen3", "llama"])
 def trip(request, tmp_path_factory, small_tok):
     OPENED.clear()
     folders = journey(request.param, tmp_path_factory.mktemp(request.param.replace(".", "")), small_tok)
@@ -225,7 +227,7 @@ def test_training_rows_render_as_the_folders_template(trip):
     text = tok.apply_chat_template(rec["prompt"] + rec["chosen"], tokenize=False)
     assert tok.decode(pairs[0]["prompt_ids"] + pairs[0]["chosen_ids"]) + "\n" == text
     ppo_c = build_config(align.ppo.PPOConfig, dict(policy_path=str(model), prompt_files=[str(data / "prompts.jsonl")],
-                                                   pretrain_files=[], heldout_files=[], ptx_coef=0.0))
+                                                   reward_path=str(trip["out"] / "rm" / "final")))
     prompts = align.ppo.load_data(ppo_c, tok)[0]
     for p in prompts:
         assert p["prompt_ids"] == tok.apply_chat_template(p["messages"], add_generation_prompt=True,
