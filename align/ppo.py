@@ -159,6 +159,10 @@ class PPOConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
+        if self.model_impl == "hf" and self.engine == "vllm":
+            raise ConfigError("model_impl hf runs its rollouts on the built-in engine (the vLLM weight sync speaks the "
+                              "custom model's names): use --engine builtin, or model_impl custom for a Qwen2/Qwen3 "
+                              "policy")
         for name in ("max_prompt_len", "ptx_seq_len", "heldout_rows", "rollout_batch_prompts", "samples_per_prompt",
                      "max_new_tokens", "ppo_epochs", "num_mini_batches", "micro_batch_size", "ptx_rows",
                      "max_steps", "tax_every", "keep_last", "chunk_size", "kl_horizon"):
@@ -214,7 +218,14 @@ def check_start(c: PPOConfig) -> None:
                         (c.heldout_files, "text")):
         for f in files:
             check_records(f, kind=kind)
-    check_policy_context(c.policy_path, c.max_prompt_len + c.max_new_tokens)
+    if c.model_impl == "custom":  # the sec. 2.5 context extension is the custom model's (config.json keys)
+        try:
+            check_policy_context(c.policy_path, c.max_prompt_len + c.max_new_tokens)
+        except ConfigError:
+            raise
+        except ValueError as e:  # a config the custom model cannot read (another architecture)
+            raise ConfigError(f"policy_path {c.policy_path}: {e}; for another transformers causal LM (Llama, ...) "
+                              f"use --model_impl hf") from None
     if c.engine == "vllm":
         from model.checkpoint import read_config
         from rollout.vllm_engine import CPU_HEAD_SIZES, refuse_unsupported

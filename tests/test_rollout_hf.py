@@ -84,3 +84,14 @@ def test_greedy_check_and_seeded_samples(prompts, small_tok):
     alone = engine.generate(prompts[1:2], SamplingParams(**{**params.__dict__, "seed": 4}))
     assert both.response_ids[2:4] == alone.response_ids
     assert all(x <= 0 for lp in both.sampler_logprobs for x in lp)
+
+
+def test_ppo_model_impl_hf_rolls_out_on_the_builtin_engine():
+    """A transformers policy (model_impl hf) samples on the built-in engine; vLLM is refused at parse time."""
+    from align.ppo import PPOConfig
+    from common.config import ConfigError, build_config
+
+    base = dict(policy_path="p", reward_path="r", prompt_files=["x.jsonl"], model_impl="hf")
+    assert build_config(PPOConfig, base).engine == "builtin"
+    with pytest.raises(ConfigError, match="model_impl hf runs its rollouts on the built-in engine"):
+        build_config(PPOConfig, base | {"engine": "vllm"})
