@@ -13,7 +13,8 @@ def reward_sequences(prompt_ids, response_ids, messages, tok, rtok, same_tokeniz
                      tools: list | None = None) -> list[list[int]]:
     """prompt + response + <|reward|> in the reward model's ids (re-rendered from decoded text if tokenizers differ;
     `tools` (N,) each row's tool list or None, rendered into the system turn as the prompt was)."""
-    from data.chatml import REWARD_TOKEN, special_id, tokenize_chat
+    from data.chatml import REWARD_TOKEN, special_id
+    from data.template import chat_format
 
     rid = special_id(rtok, REWARD_TOKEN)  # a tokenizer without it: clear error naming the token
     # a sampled <|reward|> ends a row (stop_ids) and is never scored as part of the reply; with equal tokenizers the
@@ -24,7 +25,7 @@ def reward_sequences(prompt_ids, response_ids, messages, tok, rtok, same_tokeniz
         return [p + r + [rid] for p, r in zip(prompt_ids, response_ids)]
     out = []
     for msgs, r, t in zip(messages, response_ids, tools or [None] * len(messages)):
-        p = tokenize_chat(rtok, msgs, mask="none", add_generation_prompt=True, tools=t).input_ids
+        p = chat_format(rtok).prompt_ids(msgs, t)  # the reward tokenizer's own chat template
         out.append(p + rtok(tok.decode(r), add_special_tokens=False)["input_ids"] + [rid])
     return out
 
@@ -121,13 +122,30 @@ def heldout_loss(policy, rows: list[dict], pad_id: int, chunk_size: int, batch: 
     return sum_over_ranks(acc, [total])[0] if acc is not None else total
 
 
-def stop_ids(tok, reward_tok=None) -> list[int]:
-    """<|im_end|>, <|endoftext|>, then <|reward|> (the policy's, and `reward_tok`'s when it reads the same ids): a
-    response must never contain the token the reward model reads its score at (a second one would move the score), so sampling it
-    ends the row."""
-    from data.chatml import ENDOFTEXT, IM_END, REWARD_TOKEN, special_id
+def eos_ids(tok, gen_eos=()) -> list[int]:
+    """The ids that end a reply: the model folder's generation-config EOS ids (model.checkpoint.generation_eos_ids,
+    e.g. Qwen2.5's [<|im_end|>, <|endoftext|>]), plus <|im_end|> and <|endoftext|> where the tokenizer has them, plus
+    its eos token."""
+    from data.chatml import ENDOFTEXT, IM_END
 
-    ids = [special_id(tok, IM_END), special_id(tok, ENDOFTEXT)]
+    ids = [int(i) for i in gen_eos]
+    for t in (IM_END, ENDOFTEXT, tok.eos_token):
+        tid = None if t is None else tok.convert_tokens_to_ids(t)
+        if isinstance(tid, int) and tid != tok.unk_token_id and tok.convert_ids_to_tokens(tid) == t and tid not in ids:
+            ids.append(tid)
+    if not ids:
+        raise ValueError(f"tokenizer {type(tok).__name__} has no end-of-reply token (<|im_end|>, an eos token) and "
+                         "the model folder's generation config names none")
+    return ids
+
+
+def stop_ids(tok, reward_tok=None, gen_eos=()) -> list[int]:
+    """eos_ids, then <|reward|> (the policy's, and `reward_tok`'s when it reads the same ids): a response must never
+    contain the token the reward model reads its score at (a second one would move the score), so sampling it ends
+    the row (without counting as an EOS)."""
+    from data.chatml import REWARD_TOKEN
+
+    ids = eos_ids(tok, gen_eos)
     for t in (tok, reward_tok):
         rid = None if t is None else t.convert_tokens_to_ids(REWARD_TOKEN)
         if isinstance(rid, int) and rid != t.unk_token_id and rid not in ids:

@@ -39,7 +39,8 @@ from align.models import LORA_TARGETS, build_base_model, build_model, save_model
 from align.sequences import SequenceLogprobs, reference_mode, score_sequences, sequence_batch
 from common.config import ConfigError, InputError, cfg
 from common.run import RUN_CONTROL, run_main
-from data.tokenizer import load_tokenizer
+from data.template import load_chat_tokenizer
+from data.tokenizer import load_tokenizer  # noqa: F401  (used by tests)
 
 
 @dataclass
@@ -50,8 +51,9 @@ class KTOConfig:
     init_config: Optional[str] = cfg(None, "instead of model_path: a Qwen2 config.json for a randomly initialised "
                                            "custom model (demos, no hub)")
     model_impl: str = cfg("custom", "'custom' = model.qwen (Qwen2 folders), 'hf' = transformers AutoModelForCausalLM")
-    tokenizer: str = cfg("qwen2", "'qwen2' (real Qwen2 BPE), 'small' (tiny test BPE), 'demo' or a tokenizer "
-                                  "folder (the SFT model's)")
+    tokenizer: Optional[str] = cfg(None, "None = the model folder's own (its vocabulary, special tokens and chat "
+                                         "template); or 'qwen2', 'small' (tiny test BPE), 'demo' or a tokenizer "
+                                         "folder (needed with init_config)")
     dropout: float = cfg(0.0, "dropout while training; the reference and the KL pairs are scored without dropout")
     gradient_checkpointing: bool = cfg(False, "recompute activations in the backward to save memory")
     # --- LoRA (peft); the reference is then the base model with the adapter disabled ---
@@ -91,6 +93,8 @@ class KTOConfig:
     chunk_size: int = cfg(64, "rows of logits per chunk in the log-prob kernel (memory vs speed)")
     # --- run ---
     output_dir: str = cfg("runs/kto", "checkpoints, metrics.jsonl, tb/, curves.png and the final model go here")
+    report_to: str = cfg("tensorboard", "trackers besides metrics.jsonl (always written): comma-separated "
+                                        "tensorboard, wandb, mlflow (or any accelerate tracker), or none")
     save_every: int = cfg(0, "checkpoint every this many steps; 0 = only at the end")
     keep_last: int = cfg(1, "complete checkpoints kept")
     resume: bool = cfg(True, "continue the run in output_dir from its latest checkpoint (the config must match); "
@@ -109,6 +113,9 @@ class KTOConfig:
         if self.model_impl not in ("custom", "hf") or (self.init_config is not None and self.model_impl != "custom"):
             raise ConfigError(f"model_impl must be 'custom' or 'hf' (init_config needs 'custom'), "
                               f"got {self.model_impl!r}")
+        if self.init_config is not None and not self.tokenizer:
+            raise ConfigError("init_config builds a model with no tokenizer of its own: name one with --tokenizer "
+                              "(qwen2, small, demo or a tokenizer folder)")
         if self.reference not in ("cached", "online"):
             raise ConfigError(f"reference must be 'cached' or 'online', got {self.reference!r}")
         if self.precision not in ("auto", "bf16", "fp32") or self.truncation not in ("drop", "truncate"):
@@ -288,7 +295,7 @@ def train(c: KTOConfig) -> list[float]:
     out, W, rank, resume_dir = run.out, acc.num_processes, acc.process_index, run.resume_dir
 
     # 2. tokenizer and rows (every rank builds the same list; the batch plan picks each rank's share)
-    tokenizer = load_tokenizer(c.tokenizer)
+    tokenizer = load_chat_tokenizer(c.tokenizer, c.model_path, "kto", acc.is_main_process)
     check_vocab(tokenizer, c.model_path or c.init_config, "model_path" if c.model_path else "init_config",
                 c.tokenizer)  # from config.json, before the model loads
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -16,9 +16,7 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 def build_base_model(c, path: str | None):
     """fp32 weights (mixed precision is autocast): the custom model from `path` or init_config, or transformers'."""
     if c.model_impl == "hf":
-        from transformers import AutoModelForCausalLM
-
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attention_dropout=c.dropout)
+        return load_hf_causal_lm(path, attention_dropout=c.dropout)
     from model.checkpoint import config_from_hf, load_causal_lm
     from model.qwen import QwenForCausalLM
 
@@ -30,6 +28,43 @@ def build_base_model(c, path: str | None):
     qcfg = config_from_hf(json.loads(Path(c.init_config).read_text()), source=c.init_config)
     qcfg = dataclasses.replace(qcfg, **drop)
     return QwenForCausalLM(qcfg).init_weights(seed=c.seed)
+
+
+def load_hf_causal_lm(path: str, **kwargs):
+    """transformers' AutoModelForCausalLM in fp32, remembering the folder's generation_config.json so that
+    save_model writes it back unchanged."""
+    from transformers import AutoModelForCausalLM
+
+    from model.checkpoint import read_generation_config
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs)
+    model.source_generation_config = read_generation_config(path)
+    return model
+
+
+def model_impl_of(path: str, impl: str = "auto") -> str:
+    """'custom' or 'hf' for a causal-LM folder: impl 'auto' takes the custom model for the Qwen2 / Qwen3 configs it
+    reproduces, transformers for everything else."""
+    if impl != "auto":
+        return impl
+    import json
+
+    from model.checkpoint import config_from_hf
+
+    try:
+        config_from_hf(json.loads((Path(path) / "config.json").read_text()))
+        return "custom"
+    except (ValueError, KeyError, TypeError):
+        return "hf"
+
+
+def load_causal_lm_any(path: str, impl: str = "auto"):
+    """A causal-LM folder as the custom model or transformers' (model_impl_of), fp32, eval mode."""
+    if model_impl_of(path, impl) == "hf":
+        return load_hf_causal_lm(path).eval()
+    from model.checkpoint import load_causal_lm
+
+    return load_causal_lm(path)
 
 
 def with_lora(base, r: int, alpha: float, targets: list[str], dropout: float, adapter_dir: Path | None):
@@ -56,10 +91,13 @@ def build_model(c, resume_dir: Path | None):
 
 def save_model(model, path: Path, tokenizer, merge: bool = False) -> None:
     """HF folder: custom model via model.checkpoint, transformers via save_pretrained, LoRA as an adapter
-    (or merged into the base weights for the final export when merge=True). Written to a temporary folder that is
+    (or merged into the base weights for the final export when merge=True); the input folder's
+    generation_config.json and tokenizer files are kept (model.checkpoint.write_generation_config,
+    data.tokenizer.save_tokenizer). Written to a temporary folder that is
     renamed into place, so a crash never leaves a half-written folder under `path`."""
     from common.atomic import atomic_dir
-    from model.checkpoint import save_causal_lm
+    from data.tokenizer import save_tokenizer
+    from model.checkpoint import save_causal_lm, write_generation_config
     from model.qwen import QwenForCausalLM
 
     if hasattr(model, "peft_config") and merge:
@@ -69,4 +107,6 @@ def save_model(model, path: Path, tokenizer, merge: bool = False) -> None:
         return
     with atomic_dir(path) as tmp:  # transformers / peft write in place
         model.save_pretrained(str(tmp), safe_serialization=True)
-        tokenizer.save_pretrained(str(tmp))
+        if getattr(model, "source_generation_config", None) is not None and not hasattr(model, "peft_config"):
+            write_generation_config(model, tmp)  # the input folder's, byte for byte (not transformers' re-write)
+        save_tokenizer(tokenizer, tmp)

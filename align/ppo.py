@@ -39,8 +39,8 @@ import torch
 
 from align.ppo_losses import (AdaptiveKLController, FixedKLController, RunningMeanStd, kl_loss, kl_penalty,
                               ppo_policy_loss, token_mean, value_loss)
-from align.experience import (gather_rows, heldout_loss, label_count, lm_loss, response_logprobs, rollout_tensors,
-                              stop_ids)
+from align.experience import (eos_ids, gather_rows, heldout_loss, label_count, lm_loss, response_logprobs,
+                              rollout_tensors, stop_ids)
 from align.models import LORA_TARGETS, save_model, with_lora
 from align.rl import (CRITIC_FREE, OptimizerPair, advantages, check_estimator,
                       check_policy_context, describe_score, load_reward_func, loss_reduction, reduction,
@@ -56,6 +56,9 @@ class PPOConfig:
     # --- models (four: policy, reference = frozen policy copy, reward, value) ---
     policy_path: str = cfg("", "SFT model folder (Qwen2ForCausalLM): the policy and the frozen reference",
                            required=True)
+    model_impl: str = cfg("custom", "policy and reference: 'custom' = model.qwen (Qwen2/Qwen3 folders), 'hf' = "
+                                    "transformers AutoModelForCausalLM (any causal LM; the built-in engine runs it "
+                                    "on transformers' KV cache)")
     reward_path: Optional[str] = cfg(None, "reward-model folder (reward/train.py), read at <|reward|>; None: "
                                            "reward_funcs only (one of the two is needed)")
     value_path: Optional[str] = cfg(None, "value-model init (advantage gae only); None = the reward model (sec. 3.2.2)")
@@ -119,6 +122,8 @@ class PPOConfig:
     # --- run ---
     max_steps: int = cfg(200, "PPO steps (rollout + update)")
     output_dir: str = cfg("runs/ppo", "checkpoints, metrics.jsonl, tb/, ppo.png and final/ (policy) go here")
+    report_to: str = cfg("tensorboard", "trackers besides metrics.jsonl (always written): comma-separated "
+                                        "tensorboard, wandb, mlflow (or any accelerate tracker), or none")
     tax_every: int = cfg(10, "measure the alignment tax every this many steps (also before and after)")
     save_every: int = cfg(0, "checkpoint every this many steps; 0 = only at the end")
     keep_last: int = cfg(1, "complete checkpoints kept")
@@ -149,11 +154,15 @@ class PPOConfig:
     RESUME_MAY_CHANGE = RUN_CONTROL + ("tax_every",)
 
     def validate(self):
-        choices = {"engine": ("builtin", "vllm"), "kl_estimator": ("k1", "k3"),
+        choices = {"engine": ("builtin", "vllm"), "kl_estimator": ("k1", "k3"), "model_impl": ("custom", "hf"),
                    "tokenizer_mismatch": ("refuse", "retokenize"), "precision": ("auto", "bf16", "fp32")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
+        if self.model_impl == "hf" and self.engine == "vllm":
+            raise ConfigError("model_impl hf runs its rollouts on the built-in engine (the vLLM weight sync speaks the "
+                              "custom model's names): use --engine builtin, or model_impl custom for a Qwen2/Qwen3 "
+                              "policy")
         for name in ("max_prompt_len", "ptx_seq_len", "heldout_rows", "rollout_batch_prompts", "samples_per_prompt",
                      "max_new_tokens", "ppo_epochs", "num_mini_batches", "micro_batch_size", "ptx_rows",
                      "max_steps", "tax_every", "keep_last", "chunk_size", "kl_horizon"):
@@ -209,7 +218,14 @@ def check_start(c: PPOConfig) -> None:
                         (c.heldout_files, "text")):
         for f in files:
             check_records(f, kind=kind)
-    check_policy_context(c.policy_path, c.max_prompt_len + c.max_new_tokens)
+    if c.model_impl == "custom":  # the sec. 2.5 context extension is the custom model's (config.json keys)
+        try:
+            check_policy_context(c.policy_path, c.max_prompt_len + c.max_new_tokens)
+        except ConfigError:
+            raise
+        except ValueError as e:  # a config the custom model cannot read (another architecture)
+            raise ConfigError(f"policy_path {c.policy_path}: {e}; for another transformers causal LM (Llama, ...) "
+                              f"use --model_impl hf") from None
     if c.engine == "vllm":
         from model.checkpoint import read_config
         from rollout.vllm_engine import CPU_HEAD_SIZES, refuse_unsupported
@@ -237,11 +253,15 @@ def start_notes(c: PPOConfig, n_ptx: int, n_heldout: int) -> list[str]:
 
 
 def folder_tokenizer(name: str | None, folder: str):
-    """The tokenizer named in the config ('qwen2', 'small', 'demo' or a folder), else the one saved beside the model."""
+    """The tokenizer named in the config ('qwen2', 'small', 'demo' or a folder), else the one saved beside the model
+    (the folder is the source of truth), with its chat format decided (data.template.chat_format)."""
+    from data.template import chat_format
     from data.tokenizer import load_tokenizer
 
     try:
-        return load_tokenizer(name or folder)
+        tok = load_tokenizer(name or folder)
+        chat_format(tok)
+        return tok
     except ValueError as e:
         raise ConfigError(f"{e}: pass --tokenizer / --reward_tokenizer") from None
 
@@ -288,10 +308,12 @@ def load_data(c: PPOConfig, tok):
 def load_models(c: PPOConfig, resume_dir: Path | None, device):
     """policy (trainable), reference (frozen copy of SFT; None with LoRA: the policy with its adapter disabled),
     reward (frozen; None without reward_path), value (trainable, from the RM; None for critic-free advantages). The
-    policy is the custom model (Qwen2/Qwen3); the reward and value models are the custom scalar head on a
-    Qwen2/Qwen3 folder, transformers' (model_impl hf) on any other."""
-    from model.checkpoint import load_causal_lm
+    policy is the custom model (Qwen2/Qwen3) or, with model_impl hf, transformers' causal LM; the reward and value
+    models are the custom scalar head on a Qwen2/Qwen3 folder, transformers' on any other."""
+    from align.models import load_causal_lm_any
     from model.heads import load_scalar_head
+
+    load_causal_lm = lambda path: load_causal_lm_any(path, c.model_impl)  # noqa: E731
 
     if c.lora_r:  # no LoRA dropout: the sampled and the trained log-probs come from the same function
         policy = with_lora(load_causal_lm(c.policy_path), c.lora_r, c.lora_alpha, c.lora_target_modules, 0.0,
@@ -351,6 +373,7 @@ class Run:
     tax_start: float | None = None
     value_emb_grad: object = None  # common.optim.SparseEmbeddingGrad of the value model (None: dense gradient)
     folder: object = None  # common.run.RunDir: the output folder's run (lock, checkpoints, metrics)
+    eos_ids: list = None  # stop ids that end a reply with an EOS (stop_ids without <|reward|>)
     reward_funcs: list = None  # [(name, callable)] from reward_funcs
 
 
@@ -420,7 +443,7 @@ def make_experience(run: Run, step: int) -> tuple[dict, dict]:
     # 4. advantages (align.rl.advantages): the score minus its running mean (sec. 3.2.2), the KL in the reward or
     # not, then GAE + whitening (gae), batch-normalised returns (reinforce_pp) or group baselines (grpo, rloo).
     # ended with <|im_end|> / <|endoftext|>; a sampled <|reward|> also stops a row, but counts as no EOS
-    has_eos = torch.tensor([f == "stop" and r[-1] in run.stop_ids[:2] for f, r in
+    has_eos = torch.tensor([f == "stop" and r[-1] in run.eos_ids for f, r in
                             zip(g["finish"], g["response_ids"])], device=dev)  # (N,)
     run.reward_stats.update(score)
     norm_score = run.reward_stats.normalise(score, use_std=c.reward_norm_std)
@@ -551,6 +574,8 @@ def setup(c: PPOConfig) -> tuple[Run, int, Path | None]:
     from common.run import open_run
     from common.preflight import check_vocab
     from data.chatml import REWARD_TOKEN, special_id
+    from data.template import chat_format
+    from model.checkpoint import generation_eos_ids
 
     check_start(c)  # 0. checks that need no model (paths, data files, vLLM shape, context extension): seconds
     reward_funcs = [load_reward_func(spec) for spec in c.reward_funcs]  # an import error stops here, in one line
@@ -568,6 +593,9 @@ def setup(c: PPOConfig) -> tuple[Run, int, Path | None]:
     random.seed(c.seed), np.random.seed(c.seed), torch.manual_seed(c.seed)
     tok = folder_tokenizer(c.tokenizer, c.policy_path)
     rtok = tok if c.reward_path is None else folder_tokenizer(c.reward_tokenizer, c.reward_path)
+    if acc.is_main_process:
+        print(f"[ppo] tokenizer {c.tokenizer or c.policy_path}: {chat_format(tok).describe()}", flush=True)
+    gen_eos = generation_eos_ids(c.policy_path)  # the policy folder's generation config: where replies end
     same = tokenizers_match(c, tok, rtok)
     check_vocab(tok, c.policy_path, "policy_path", c.tokenizer)  # from config.json, before the models load
     if c.reward_path is not None:
@@ -585,10 +613,10 @@ def setup(c: PPOConfig) -> tuple[Run, int, Path | None]:
         FixedKLController(c.kl_coef)
     run = Run(c, acc, policy, ref, reward, value, opt, build_engine(c, policy, pad(tok)), tok, rtok, same, pad(tok),
               pad(rtok), None if reward is None else special_id(rtok, REWARD_TOKEN),
-              stop_ids(tok, rtok if same and reward is not None else None),
+              stop_ids(tok, rtok if same and reward is not None else None, gen_eos),
               prompts, ptx, heldout, kl_ctl, RunningMeanStd(), use_true_reward(c),  # sparse: exact, rows touched only
               value_emb_grad=None if value is None else SparseEmbeddingGrad(value.get_input_embeddings()),
-              folder=folder, reward_funcs=reward_funcs)
+              folder=folder, reward_funcs=reward_funcs, eos_ids=eos_ids(tok, gen_eos))
     start = 0
     if resume_dir is not None:  # exact resume: weights above, then optimizers, statistics and RNG state
         ts = restore_run_state(acc, resume_dir, opt, None, "n_prompts", len(prompts))

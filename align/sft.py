@@ -24,6 +24,7 @@ import torch
 from align.models import LORA_TARGETS, build_model, save_model
 from common.config import ConfigError, InputError, cfg
 from common.run import RUN_CONTROL, run_main
+from data.template import load_chat_tokenizer
 from data.tokenizer import load_tokenizer  # noqa: F401  (also used by tests)
 
 
@@ -34,7 +35,9 @@ class SFTConfig:
     model_path: Optional[str] = cfg(None, "HF causal-LM folder to start from (Qwen2; any causal LM with model_impl=hf)")
     init_config: Optional[str] = cfg(None, "or: a Qwen2 config.json for a randomly initialised model (demos)")
     model_impl: str = cfg("custom", "'custom' = model.qwen (Qwen2 folders), 'hf' = transformers AutoModelForCausalLM")
-    tokenizer: str = cfg("qwen2", "'qwen2' (real Qwen2 BPE), 'small' (tiny test BPE) or a tokenizer folder")
+    tokenizer: Optional[str] = cfg(None, "None = the model folder's own (its vocabulary, special tokens and chat "
+                                         "template); or 'qwen2' (real Qwen2 BPE), 'small' (tiny test BPE), 'demo' or "
+                                         "a tokenizer folder (needed with init_config)")
     dropout: float = cfg(0.0, "train-time dropout (report: 0.1; hf models: attention only)")
     gradient_checkpointing: bool = cfg(False, "recompute activations in the backward to save memory")
     # --- LoRA (peft) ---
@@ -70,6 +73,8 @@ class SFTConfig:
     chunk_size: int = cfg(256, "rows of logits per chunk in the log-prob kernel (memory vs speed)")
     # --- run ---
     output_dir: str = cfg("runs/sft", "checkpoints, metrics.jsonl, tb/, loss.png and the final model go here")
+    report_to: str = cfg("tensorboard", "trackers besides metrics.jsonl (always written): comma-separated "
+                                        "tensorboard, wandb, mlflow (or any accelerate tracker), or none")
     save_every: int = cfg(0, "checkpoint every this many steps; 0 = only at the end")
     keep_last: int = cfg(1, "complete checkpoints kept")
     resume: bool = cfg(True, "continue the run in output_dir from its latest checkpoint (the config must match); "
@@ -94,6 +99,9 @@ class SFTConfig:
                               "documents); set packing: false for model_impl: hf")
         if self.init_config is not None and self.model_impl != "custom":
             raise ConfigError("init_config builds the custom model; set model_impl: custom")
+        if self.init_config is not None and not self.tokenizer:
+            raise ConfigError("init_config builds a model with no tokenizer of its own: name one with --tokenizer "
+                              "(qwen2, small, demo or a tokenizer folder)")
         if self.data_kind not in ("sft", "text"):
             raise ConfigError(f"data_kind must be 'sft' or 'text', got {self.data_kind!r}")
         if self.mask not in ("all_assistant", "last_assistant", "qwen_finetune"):
@@ -226,6 +234,7 @@ def train(c: SFTConfig) -> list[float]:
     from common.optim import build_adamw, warmup_cosine
     from common.preflight import check_vocab
     from data.datasets import collate
+    from data.template import chat_format
 
     # 0. checks that need no model (paths, data files): seconds
     check_start(c)
@@ -235,9 +244,12 @@ def train(c: SFTConfig) -> list[float]:
     out, W, rank, resume_dir = run.out, acc.num_processes, acc.process_index, run.resume_dir
 
     # 2. tokenizer and rows (every rank builds the same rows; the batch plan picks each rank's share)
-    tokenizer = load_tokenizer(c.tokenizer)
+    tokenizer = load_chat_tokenizer(c.tokenizer, c.model_path, "sft", acc.is_main_process, chat=c.data_kind == "sft")
     check_vocab(tokenizer, c.model_path or c.init_config, "model_path" if c.model_path else "init_config",
                 c.tokenizer)  # from config.json, before the model loads
+    if c.data_kind == "sft" and c.mask == "qwen_finetune" and not chat_format(tokenizer).fast:
+        raise ConfigError("mask qwen_finetune is ChatML's rule and this tokenizer's chat template is rendered by "
+                          "the template itself; use all_assistant or last_assistant")
     rows, report = build_rows(c, tokenizer)
     mini = c.micro_batch_size_per_rank * c.grad_accum_steps * W
     spe = steps_per_epoch(len(rows), mini, source=", ".join(c.train_files), batch=batch_words(c, W))

@@ -1,4 +1,13 @@
-"""Metrics: TensorBoard + a JSONL file during the run, a PNG of chosen curves at the end."""
+"""Metrics: a JSONL file always, TensorBoard and other trackers (`report_to`) during the run, a PNG of chosen curves
+at the end.
+
+report_to: comma-separated tracker names. "tensorboard" is written here (`<out_dir>/tb`, events after a resumed
+checkpoint purged); every other name is one of accelerate's trackers (wandb, mlflow, aim, comet_ml, clearml, dvclive,
+swanlab, trackio), started with the run's config and given the same rows as metrics.jsonl. wandb: project
+"qwen-align", run name "<trainer>-<run id>", files under `<out_dir>/wandb` (WANDB_MODE=offline works without a
+network), a resumed run continues the same wandb run (id = run id); mlflow: experiment "qwen-align", where
+MLFLOW_TRACKING_URI points. "none" or "" = metrics.jsonl only.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +21,55 @@ from common.atomic import atomic_write_bytes, atomic_write_text
 from common.failpoint import armed, failpoint
 
 JSONL_NAME = "metrics.jsonl"
+PROJECT = "qwen-align"
+
+
+def parse_report_to(value: str | None) -> list[str]:
+    """Tracker names of a report_to value; ConfigError naming an unknown or uninstalled one (checked at start-up,
+    before any model is loaded)."""
+    from common.config import ConfigError
+
+    names = [n.strip().lower() for n in (value or "").split(",") if n.strip() and n.strip().lower() != "none"]
+    if not names:
+        return []
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+    from accelerate.utils import imports
+
+    for n in names:
+        if n not in LOGGER_TYPE_TO_CLASS:
+            raise ConfigError(f"report_to: unknown tracker {n!r}; use a comma-separated list of "
+                              f"{', '.join(sorted(LOGGER_TYPE_TO_CLASS))}, or none")
+        check = getattr(imports, f"is_{n}_available", None)
+        if n != "tensorboard" and check is not None and not check():
+            raise ConfigError(f"report_to {n}: the {n} package is not installed (pip install {n.replace('_', '-')})")
+    return list(dict.fromkeys(names))
+
+
+def start_trackers(names: list[str], out_dir: Path, kind: str, run_id: str, config: dict | None) -> list:
+    """accelerate trackers for the names other than tensorboard, started, with the run's config stored."""
+    from accelerate import PartialState
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    PartialState()  # accelerate's trackers log through its logging, which needs the state (set by the Accelerator)
+    trackers = []
+    for n in names:
+        if n == "tensorboard":
+            continue
+        if n == "wandb":
+            out_dir.mkdir(parents=True, exist_ok=True)
+            t = LOGGER_TYPE_TO_CLASS[n](PROJECT, name=f"{kind}-{run_id}", id=run_id, resume="allow", dir=str(out_dir))
+        elif n == "mlflow":
+            t = LOGGER_TYPE_TO_CLASS[n](PROJECT, run_name=f"{kind}-{run_id}")
+        elif LOGGER_TYPE_TO_CLASS[n].requires_logging_directory:
+            t = LOGGER_TYPE_TO_CLASS[n](PROJECT, str(out_dir / n))
+        else:
+            t = LOGGER_TYPE_TO_CLASS[n](PROJECT)
+        t.start()
+        if config:
+            t.store_init_configuration({k: v if isinstance(v, (bool, int, float, str)) or v is None else str(v)
+                                        for k, v in config.items()})
+        trackers.append(t)
+    return trackers
 
 
 class MetricsLogger:
@@ -21,17 +79,23 @@ class MetricsLogger:
     holds one consistent curve with no row twice: to its first `resume_rows` rows (the count the checkpoint
     recorded; rows logged after it at the same step, like a final eval row, go too), or without that count to the
     rows of steps <= resume_step. A torn last line (a crash or a full disk mid-write) is cut, and said. TensorBoard
-    drops its events after resume_step. enabled=False (non-main ranks) makes every call a no-op.
+    drops its events after resume_step. enabled=False (non-main ranks) makes every call a no-op. report_to: the
+    trackers besides metrics.jsonl (module docstring; default TensorBoard, `tensorboard=False` drops it); kind,
+    run_id and config name and describe the run to them.
     """
 
     def __init__(self, out_dir: str | Path, enabled: bool = True, resume_step: int | None = None,
-                 tensorboard: bool = True, resume_rows: int | None = None, say=print):
+                 tensorboard: bool = True, resume_rows: int | None = None, say=print,
+                 report_to: str | None = "tensorboard", kind: str = "run", run_id: str = "run",
+                 config: dict | None = None):
         self.enabled = enabled
         self.path = Path(out_dir) / JSONL_NAME
         self.rows = 0
         self._tb = None
+        self.trackers = []
         if not enabled:
             return
+        names = parse_report_to(report_to)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.is_file():
             rows, notes = _rows_for_resume(self.path, resume_step, resume_rows)
@@ -42,11 +106,12 @@ class MetricsLogger:
         elif resume_step is None and self.path.is_file():
             self.path.unlink()  # a fresh run starts a fresh curve
         self._file = open(self.path, "a", encoding="utf-8")
-        if tensorboard:
+        if tensorboard and "tensorboard" in names:
             from torch.utils.tensorboard import SummaryWriter  # lazy: pulls in tensorboard
 
             purge = None if resume_step is None else resume_step + 1  # events of the interrupted run after it
             self._tb = SummaryWriter(str(Path(out_dir) / "tb"), purge_step=purge)
+        self.trackers = start_trackers(names, Path(out_dir), kind, run_id, config)
 
     def log(self, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:
@@ -66,6 +131,10 @@ class MetricsLogger:
             for k, v in row.items():
                 if k != "step" and isinstance(v, float):
                     self._tb.add_scalar(k, v, step)
+        if self.trackers:
+            scalars = {k: v for k, v in row.items() if k != "step" and isinstance(v, float)}
+            for t in self.trackers:
+                t.log(scalars, step=int(step))
 
     def close(self) -> None:
         if not self.enabled:
@@ -73,6 +142,9 @@ class MetricsLogger:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+        for t in self.trackers:
+            t.finish()
+        self.trackers = []
 
 
 def _rows_for_resume(path: Path, resume_step: int, resume_rows: int | None) -> tuple[list[dict], list[str]]:

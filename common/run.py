@@ -44,12 +44,12 @@ RUN_JSON = "run.json"
 CKPT_DIR = "checkpoints"
 # What a run writes at the top of its folder: moved aside together when a run is replaced.
 RUN_OUTPUTS = (RUN_JSON, CKPT_DIR, "final", "metrics.jsonl", "tb", "config.yaml", "loss.png", "curves.png",
-               "ppo.png")
+               "ppo.png", "wandb")
 # Config fields that only decide where, when and whether to save, log or stop: they may change between a run's
 # starts. Every other field must equal the saved value to resume. Trainers extend this with a RESUME_MAY_CHANGE
 # class attribute on their config.
 RUN_CONTROL = ("output_dir", "resume", "overwrite_output_dir", "save_every", "keep_last", "stop_at_step",
-               "log_every")
+               "log_every", "report_to")
 
 
 class RunRefused(ConfigError):
@@ -156,20 +156,23 @@ class RunDir:
     last_ckpt: Path | None = None
     log: Any = None  # the MetricsLogger opened by metrics()
     notes: list[str] = field(default_factory=list)
+    report_to: str | None = "tensorboard"  # the config's report_to: trackers besides metrics.jsonl
+    config: dict | None = None  # the run's config values, for the trackers
 
     @property
     def ckpt_root(self) -> Path:
         return self.out / CKPT_DIR
 
     def metrics(self, tensorboard: bool = True):
-        """Open metrics.jsonl + TensorBoard for this run: a fresh file, or (resuming) the file cut back to the rows
-        logged before the resumed checkpoint (a torn last line cut)."""
+        """Open metrics.jsonl + the report_to trackers (TensorBoard by default) for this run: a fresh file, or
+        (resuming) the file cut back to the rows logged before the resumed checkpoint (a torn last line cut)."""
         from common.metrics import MetricsLogger
 
         meta = read_meta(self.resume_dir) if self.resume_dir is not None else None
         self.log = MetricsLogger(self.out, enabled=self.is_main, tensorboard=tensorboard,
                                  resume_step=None if meta is None else meta["step"],
-                                 resume_rows=None if meta is None else meta.get("metrics_rows"))
+                                 resume_rows=None if meta is None else meta.get("metrics_rows"),
+                                 report_to=self.report_to, kind=self.kind, run_id=self.run_id, config=self.config)
         return self.log
 
     def check_weights(self, acc, step: int, optimizer) -> None:
@@ -359,7 +362,11 @@ def open_run(acc, c, kind: str) -> RunDir:
     """Phase 1 of every trainer, after the accelerator: the main process takes the folder's lock, sweeps, checks
     and decides; every rank gets the same decision (or the same error). `c` needs output_dir and resume
     (overwrite_output_dir optional). Raises RunRefused, RunFinished or RunIOError."""
+    from common.metrics import parse_report_to
+
     out = Path(c.output_dir)
+    report_to = getattr(c, "report_to", "tensorboard")
+    parse_report_to(report_to)  # an unknown or missing tracker is a config error now, not after the model loads
     decision, lock = None, None
     if launched_by_launcher():
         exit_with_parent()
@@ -378,7 +385,8 @@ def open_run(acc, c, kind: str) -> RunDir:
         raise {"RunRefused": RunRefused, "RunFinished": RunFinished, "RunIOError": RunIOError,
                "UnsafeStateError": UnsafeStateError}[decision["error"]](decision["message"])
     resume = None if decision["resume"] is None else Path(decision["resume"])
-    return RunDir(out, kind, decision["run_id"], resume, acc.is_main_process, lock=lock, last_ckpt=resume)
+    return RunDir(out, kind, decision["run_id"], resume, acc.is_main_process, lock=lock, last_ckpt=resume,
+                  report_to=report_to, config=dataclasses.asdict(c) if dataclasses.is_dataclass(c) else None)
 
 
 # ----------------------------------------------------------------------------------------------------------------

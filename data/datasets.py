@@ -8,7 +8,9 @@ Record kinds (TRL's dataset formats, tests/fixtures/formats/README.md):
   "prompt"      {"prompt": [msgs]}  (PPO rollouts)
   "text"        {"text": str}  (pretraining text)
 Standard (string) fields are accepted everywhere a message list is: a string prompt is one user turn and a string
-reply one assistant turn, as in data/formats.py, so every example is ChatML. Implicit string pairs
+reply one assistant turn, as in data/formats.py. Conversations are rendered as the tokenizer's chat template does
+(data/template.py: data/chatml.py's byte-exact ChatML when a start-up render comparison proves it reproduces the
+template, else the template itself with masks derived by construction); `default_system=` forces data/chatml.py. Implicit string pairs
 {"chosen": "The sky is blue.", "rejected": "The sky is green."} split at the last whitespace before they differ.
 
 Records may carry "tools" (tool schemas, rendered into the system turn as Qwen2.5 does) and messages with
@@ -32,18 +34,9 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from data.chatml import (
-    ENDOFTEXT,
-    QWEN2_DEFAULT_SYSTEM,
-    IGNORE_INDEX,
-    REWARD_TOKEN,
-    check_messages,
-    shift_labels,
-    special_id,
-    tokenize_chat,
-    tokenize_response,
-)
 from common.config import InputError
+from data.chatml import ENDOFTEXT, IGNORE_INDEX, REWARD_TOKEN, check_messages, shift_labels, special_id
+from data.template import TEMPLATE, chat_format, chatml_format
 from data.validate import IDENTICAL_REPLIES, escape_strings, join_reply, replies_identical
 
 KINDS = ("sft", "preference", "unpaired", "prompt", "text")
@@ -351,15 +344,22 @@ def _parse(fn, rec, i: int):
         raise ValueError(f"record {i}: {e}") from None
 
 
+def rendering(tokenizer, default_system: str | None = TEMPLATE):
+    """The data.template.ChatFormat the builders render with: the tokenizer's own chat template (TEMPLATE, the
+    default: data/chatml.py when it reproduces the template, else the template itself), or data/chatml.py with the
+    given default system message (a string, or None for no system turn)."""
+    return chat_format(tokenizer) if default_system == TEMPLATE else chatml_format(tokenizer, default_system)
+
+
 def build_sft_examples(records, tokenizer, max_len: int, mask: str = "all_assistant", truncation: str = "drop",
-                       default_system: str | None = QWEN2_DEFAULT_SYSTEM):
+                       default_system: str | None = TEMPLATE):
     """-> ([{input_ids (T,), labels (T,)}], DataReport). Dropped: "no_learned_tokens", "too_long"."""
     _check_truncation(truncation)
+    fmt = rendering(tokenizer, default_system)
     report, out = DataReport(), []
     for i, rec in enumerate(tqdm(records, desc="sft examples", disable=None, leave=False)):
         report.read += 1
-        tc = _parse(lambda r: tokenize_chat(tokenizer, sft_messages(r), mask=mask, default_system=default_system,
-                                            tools=r.get("tools")), rec, i)
+        tc = _parse(lambda r: fmt.tokenize(sft_messages(r), mask=mask, tools=r.get("tools")), rec, i)
         ids, loss_mask = tc.input_ids, tc.loss_mask
         if len(ids) > max_len:
             if truncation == "drop":
@@ -376,9 +376,6 @@ def build_sft_examples(records, tokenizer, max_len: int, mask: str = "all_assist
     return out, report
 
 
-def _prompt_ids(tokenizer, prompt: list[dict], default_system: str | None, tools=None) -> list[int]:
-    return tokenize_chat(tokenizer, prompt, mask="none", add_generation_prompt=True, default_system=default_system,
-                         tools=tools).input_ids
 
 
 def _fit_prompt(prompt_ids, longest_reply: int, max_len: int, truncation: str, report: DataReport):
@@ -396,10 +393,11 @@ def _fit_prompt(prompt_ids, longest_reply: int, max_len: int, truncation: str, r
 
 
 def build_preference_examples(records, tokenizer, max_len: int, reward_token: bool = False,
-                              truncation: str = "drop", default_system: str | None = QWEN2_DEFAULT_SYSTEM):
+                              truncation: str = "drop", default_system: str | None = TEMPLATE):
     """-> ([{prompt_ids (P,), chosen_ids (R,), rejected_ids (R,)}], DataReport).
 
-    chosen/rejected ids are the reply tokens then <|im_end|> (tokenize_response), then <|reward|> if reward_token,
+    chosen/rejected ids are the reply tokens then the end-of-turn token (<|im_end|>; ChatFormat.response_ids), then
+    <|reward|> if reward_token,
     so prompt_ids + chosen_ids is the full sequence the reward model scores at its last token. Dropped:
     "identical_replies", "too_long", "response_too_long".
     """
@@ -410,6 +408,7 @@ def build_preference_examples(records, tokenizer, max_len: int, reward_token: bo
             tail = [special_id(tokenizer, REWARD_TOKEN)]
         except ValueError as e:
             raise ValueError(f"reward_token=True but {e}; build it with data.tokenizer.qwen2_tokenizer()") from None
+    fmt = rendering(tokenizer, default_system)
     report, out = DataReport(), []
     for i, rec in enumerate(tqdm(records, desc="preference examples", disable=None, leave=False)):
         report.read += 1
@@ -417,11 +416,12 @@ def build_preference_examples(records, tokenizer, max_len: int, reward_token: bo
         if replies_identical(chosen, rejected):
             report.drop("identical_replies")
             continue
-        chosen_ids = tokenize_response(tokenizer, chosen) + tail
-        rejected_ids = tokenize_response(tokenizer, rejected) + tail
+        tools = rec.get("tools")
+        chosen_ids, rejected_ids, prompt_ids = _parse(lambda r: (
+            fmt.response_ids(prompt, chosen, tools) + tail, fmt.response_ids(prompt, rejected, tools) + tail,
+            fmt.prompt_ids(prompt, tools)), rec, i)
         longest = max(len(chosen_ids), len(rejected_ids))
-        prompt_ids = _fit_prompt(_prompt_ids(tokenizer, prompt, default_system, rec.get("tools")), longest, max_len,
-                                 truncation, report)
+        prompt_ids = _fit_prompt(prompt_ids, longest, max_len, truncation, report)
         if prompt_ids is not None:
             report.kept += 1
             out.append({"prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids})
@@ -429,16 +429,18 @@ def build_preference_examples(records, tokenizer, max_len: int, reward_token: bo
 
 
 def build_unpaired_examples(records, tokenizer, max_len: int, reward_token: bool = False, truncation: str = "drop",
-                            default_system: str | None = QWEN2_DEFAULT_SYSTEM):
+                            default_system: str | None = TEMPLATE):
     """-> ([{prompt_ids (P,), completion_ids (R,), label: bool}], DataReport), as build_preference_examples."""
     _check_truncation(truncation)
     tail = [special_id(tokenizer, REWARD_TOKEN)] if reward_token else []
+    fmt = rendering(tokenizer, default_system)
     report, out = DataReport(), []
     for i, rec in enumerate(tqdm(records, desc="unpaired examples", disable=None, leave=False)):
         report.read += 1
         prompt, completion, label = _parse(unpaired_parts, rec, i)
-        completion_ids = tokenize_response(tokenizer, completion) + tail
-        prompt_ids = _prompt_ids(tokenizer, prompt, default_system, rec.get("tools"))
+        tools = rec.get("tools")
+        completion_ids, prompt_ids = _parse(lambda r: (fmt.response_ids(prompt, completion, tools) + tail,
+                                                       fmt.prompt_ids(prompt, tools)), rec, i)
         prompt_ids = _fit_prompt(prompt_ids, len(completion_ids), max_len, truncation, report)
         if prompt_ids is not None:
             report.kept += 1
@@ -447,18 +449,19 @@ def build_unpaired_examples(records, tokenizer, max_len: int, reward_token: bool
 
 
 def build_prompt_examples(records, tokenizer, max_prompt_len: int, truncation: str = "drop",
-                          default_system: str | None = QWEN2_DEFAULT_SYSTEM):
+                          default_system: str | None = TEMPLATE):
     """-> ([{prompt_ids (P,), messages}], DataReport): prompts rendered with the generation prompt, for rollouts.
 
     "truncate" keeps the last max_prompt_len tokens. Dropped: "too_long".
     """
     _check_truncation(truncation)
+    fmt = rendering(tokenizer, default_system)
     report, out = DataReport(), []
     for i, rec in enumerate(tqdm(records, desc="prompt examples", disable=None, leave=False)):
         report.read += 1
         messages = _parse(prompt_messages, rec, i)
         tools = rec.get("tools") if isinstance(rec, dict) else None
-        prompt_ids = _fit_prompt(_prompt_ids(tokenizer, messages, default_system, tools), 0, max_prompt_len,
+        prompt_ids = _fit_prompt(_parse(lambda r: fmt.prompt_ids(messages, tools), rec, i), 0, max_prompt_len,
                                  truncation, report)
         if prompt_ids is not None:
             report.kept += 1

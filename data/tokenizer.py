@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Callable
 
@@ -238,7 +239,47 @@ def load_tokenizer(name: str | os.PathLike):
                           f"tokenizer.json")
     from transformers import PreTrainedTokenizerFast
 
-    return PreTrainedTokenizerFast.from_pretrained(str(name), **_no_false_regex_warning(Path(name)))
+    tok = PreTrainedTokenizerFast.from_pretrained(str(name), **_no_false_regex_warning(Path(name)))
+    _SOURCES[tok] = (Path(name), _state(tok))
+    return tok
+
+
+def resolve_tokenizer(name: str | None, model_path: str | os.PathLike | None, flag: str = "--tokenizer"):
+    """The tokenizer a trainer uses: `name` ('qwen2', 'small', 'demo' or a folder) when given, else the one saved in
+    the model folder (the folder is the source of truth: its vocabulary, special tokens and chat template).
+    ValueError naming `flag` when there is none to take."""
+    if name:
+        return load_tokenizer(name)
+    if model_path is None:
+        raise ValueError(f"a model built from init_config has no tokenizer of its own: name one with {flag} "
+                         f"(qwen2, small, demo or a tokenizer folder)")
+    if not (Path(model_path) / "tokenizer.json").is_file():
+        raise ValueError(f"{model_path}: the model folder has no tokenizer.json; save the tokenizer into it "
+                         f"(tokenizer.save_pretrained) or pass {flag} (qwen2, small, demo or a tokenizer folder)")
+    return load_tokenizer(model_path)
+
+
+# Tokenizer files save_tokenizer copies from the folder a tokenizer was loaded from.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "chat_template.json", "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model")
+_SOURCES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # tokenizer -> (folder, state when loaded)
+
+
+def _state(tok) -> tuple:
+    return len(tok), tok.chat_template, tuple(tok.all_special_tokens), tok.eos_token, tok.pad_token
+
+
+def save_tokenizer(tok, folder: str | os.PathLike) -> None:
+    """Write the tokenizer into a model folder: the files of the folder it was loaded from, byte for byte, when
+    nothing changed since (so an output keeps the input's tokenizer files); else tokenizer.save_pretrained (e.g. a
+    reward model's tokenizer with <|reward|> added)."""
+    src = _SOURCES.get(tok)
+    if src is None or _state(tok) != src[1] or not (src[0] / "tokenizer.json").is_file():
+        tok.save_pretrained(str(folder))
+        return
+    for name in TOKENIZER_FILES:
+        if (src[0] / name).is_file():
+            shutil.copyfile(src[0] / name, Path(folder) / name)
 
 
 _MISTRAL_TYPES = ("mistral", "mistral3", "voxtral", "ministral", "pixtral")  # transformers' own list

@@ -142,6 +142,7 @@ def load_causal_lm(path, dtype: torch.dtype = torch.float32, **overrides) -> Qwe
     model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=False, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
+    model.source_generation_config = read_generation_config(path)  # written back unchanged by save_causal_lm
     return model.eval()
 
 
@@ -171,7 +172,12 @@ def write_weights(sd: dict[str, torch.Tensor], folder: Path, max_shard_bytes: in
 
 def save_causal_lm(model: QwenForCausalLM, path, tokenizer=None, max_shard_bytes: int = 2 * 1024**3):
     """Save as a Hugging Face Qwen2ForCausalLM / Qwen3ForCausalLM folder. With tied embeddings `lm_head.weight` is left
-    out, as transformers does (the rollout weight sync sends it explicitly; see rollout/)."""
+    out, as transformers does (the rollout weight sync sends it explicitly; see rollout/). generation_config.json is
+    the one of the folder the model was loaded from, byte for byte (its temperature, top_p, EOS ids); a model built
+    from a config gets a plain one. The tokenizer is written by data.tokenizer.save_tokenizer (the input's files
+    when unchanged)."""
+    from data.tokenizer import save_tokenizer
+
     with atomic_dir(path) as tmp:  # a half-written folder never replaces the old one
         sd = model.state_dict()
         if model.config.tie_word_embeddings:
@@ -179,13 +185,49 @@ def save_causal_lm(model: QwenForCausalLM, path, tokenizer=None, max_shard_bytes
         dtype = next(model.parameters()).dtype
         write_weights(sd, tmp, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(config_to_hf(model.config, dtype), indent=2))
-        write_generation_config(model.config, tmp)
+        write_generation_config(model, tmp)
         if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
+            save_tokenizer(tokenizer, tmp)
     return Path(path)
 
 
-def write_generation_config(cfg: QwenConfig, folder: Path):
-    eos = cfg.extra.get("eos_token_id")
-    gen = {"do_sample": True, "top_p": 0.9} | ({"eos_token_id": eos} if eos is not None else {})
-    (folder / "generation_config.json").write_text(json.dumps(gen, indent=2))
+GENERATION_CONFIG = "generation_config.json"
+
+
+def read_generation_config(folder) -> str | None:
+    """The text of a folder's generation_config.json, or None."""
+    f = Path(folder) / GENERATION_CONFIG
+    return f.read_text(encoding="utf-8") if f.is_file() else None
+
+
+def write_generation_config(model, folder: Path):
+    """The loaded folder's generation_config.json unchanged (model.source_generation_config), else a plain one."""
+    text = getattr(model, "source_generation_config", None)
+    if text is None:
+        cfg = getattr(model, "config", model)
+        eos = cfg.extra.get("eos_token_id") if isinstance(cfg, QwenConfig) else getattr(cfg, "eos_token_id", None)
+        gen = {"do_sample": True, "top_p": 0.9} | ({"eos_token_id": eos} if eos is not None else {})
+        text = json.dumps(gen, indent=2)
+    (Path(folder) / GENERATION_CONFIG).write_text(text, encoding="utf-8")
+
+
+def generation_eos_ids(folder) -> list[int]:
+    """The EOS ids a model folder stops generating at: generation_config.json's eos_token_id (an int or a list, e.g.
+    Qwen2.5-Instruct's [151645, 151643]), else config.json's; [] when neither has one."""
+    for name in (GENERATION_CONFIG, "config.json"):
+        f = Path(folder) / name
+        if f.is_file():
+            eos = json.loads(f.read_text(encoding="utf-8")).get("eos_token_id")
+            if eos is not None:
+                return [int(x) for x in (eos if isinstance(eos, list) else [eos])]
+    return []
+
+
+def generation_sampling(folder) -> dict:
+    """temperature / top_p of a folder's generation_config.json (do_sample false: greedy, temperature 0); {} if
+    it sets neither."""
+    text = read_generation_config(folder)
+    gen = json.loads(text) if text else {}
+    if gen.get("do_sample") is False:
+        return {"temperature": 0.0, "top_p": 1.0}
+    return {k: float(gen[k]) for k in ("temperature", "top_p") if gen.get(k) is not None}

@@ -29,8 +29,9 @@ import torch
 from common.config import ConfigError, cfg
 from common.run import RUN_CONTROL, run_main
 from reward.losses import pairwise_loss
-from reward.model import (STATS_FILE, add_reward_token, fit_embeddings, load_reward_model, load_tokenizer,
-                          normalisation_stats, pair_batch, reward_token_id, score, score_pairs)
+from data.template import load_chat_tokenizer
+from reward.model import (STATS_FILE, add_reward_token, fit_embeddings, load_reward_model, normalisation_stats,
+                          pair_batch, reward_token_id, score, score_pairs)
 
 
 @dataclass
@@ -40,8 +41,10 @@ class RewardConfig:
                           required=True)
     model_impl: str = cfg("custom", "'custom' = model.qwen (Qwen2/Qwen3 folders), 'hf' = any transformers backbone "
                                     "(AutoModelForSequenceClassification, e.g. Llama, GPT-NeoX, GPT-2)")
-    tokenizer: str = cfg("qwen2", "'qwen2', 'small' (tiny test BPE) or a tokenizer folder; <|reward|> is added "
-                                  "if it lacks it (the saved tokenizer = this one + <|reward|>)")
+    tokenizer: Optional[str] = cfg(None, "None = the model folder's own (vocabulary, special tokens, chat template); "
+                                         "or 'qwen2', 'small' (tiny test BPE), 'demo' or a tokenizer folder. "
+                                         "<|reward|> is added if it lacks it (the saved tokenizer = this one + "
+                                         "<|reward|>)")
     head_seed: int = cfg(0, "seed of the fresh scalar head when model_path is a causal LM")
     gradient_checkpointing: bool = cfg(False, "recompute activations in the backward to save memory")
     sparse_embedding_grad: bool = cfg(True, "embedding gradient as sparse rows, densified once per step (exact, "
@@ -70,6 +73,8 @@ class RewardConfig:
     precision: str = cfg("auto", "'auto' (bf16 on a GPU that has it, else fp32), 'bf16' or 'fp32'")
     # --- run ---
     output_dir: str = cfg("runs/reward", "checkpoints, metrics.jsonl, tb/, curves.png, final/ + reward_stats.json")
+    report_to: str = cfg("tensorboard", "trackers besides metrics.jsonl (always written): comma-separated "
+                                        "tensorboard, wandb, mlflow (or any accelerate tracker), or none")
     eval_every: int = cfg(0, "evaluate every this many steps; 0 = only at the end")
     eval_batch_size: int = cfg(8, "pairs per forward when evaluating")
     save_every: int = cfg(0, "checkpoint every this many steps; 0 = only at the end")
@@ -162,7 +167,7 @@ def train(c: RewardConfig) -> list[float]:
     out, W, rank, resume_dir = run.out, acc.num_processes, acc.process_index, run.resume_dir
 
     # 2. tokenizer and pairs (every rank builds the same list; the batch plan picks each rank's share)
-    tokenizer = load_tokenizer(c.tokenizer)
+    tokenizer = load_chat_tokenizer(c.tokenizer, c.model_path, "reward", acc.is_main_process)
     check_vocab(tokenizer, c.model_path, "model_path", c.tokenizer)  # config.json, before the model loads
     added = add_reward_token(tokenizer)  # Qwen2/2.5/3's own tokenizers lack it: one new special token
     reward_id = reward_token_id(tokenizer)

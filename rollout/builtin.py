@@ -1,5 +1,6 @@
-"""The built-in rollout engine: batched sampling on the custom model's KV cache. Works wherever torch does (CPU/GPU),
-and serves the configurations vLLM cannot reproduce (LogN, dynamic NTK, window attention; Qwen report sec. 2.5).
+"""The built-in rollout engine: batched sampling on the custom model's KV cache, or on transformers' (DynamicCache)
+for any transformers causal LM (model_impl hf: Llama, GPT-NeoX, ...). Works wherever torch does (CPU/GPU), and serves
+the configurations vLLM cannot reproduce (LogN, dynamic NTK, window attention; Qwen report sec. 2.5).
 
 Prompts are left-padded so every row's next token sits in the last column; the model derives position ids from the
 attention mask, so padding does not shift positions. Rows that emit a stop token are dropped from the batch (their
@@ -85,6 +86,37 @@ def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, 
     return ids, mask
 
 
+class _Decoder:
+    """One model's incremental forward: last-position hidden states (b, H) of new tokens, given the attention mask of
+    everything so far (b, S) and a KV cache; rows can leave the batch. The custom model brings its own cache
+    (`new_cache`); a transformers causal LM gets a DynamicCache and explicit position ids from the mask (left
+    padding does not shift positions)."""
+
+    def __init__(self, base):
+        self.base, self.hf = base, not hasattr(base, "new_cache")
+        if self.hf:
+            from transformers import DynamicCache
+
+            self.cache = DynamicCache(config=base.config)
+        else:
+            self.cache = base.new_cache()
+
+    def __call__(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # ids (b, n), mask (b, S) -> (b, H)
+        if not self.hf:
+            return self.base.get_decoder()(ids, attention_mask=mask, cache=self.cache)[:, -1]
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]  # (b, n)
+        out = self.base.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=pos,
+                                      past_key_values=self.cache, use_cache=True)
+        return out.last_hidden_state[:, -1]
+
+    def select(self, keep: torch.Tensor) -> None:
+        """Keep only the batch rows `keep` (b',) in the cache."""
+        if self.hf:
+            self.cache.batch_select_indices(keep)
+        else:
+            self.cache.select(keep)
+
+
 class BuiltinEngine:
     """Samples from the policy module itself, so `sync_weights` only switches the module it samples from."""
 
@@ -125,10 +157,10 @@ class BuiltinEngine:
         """One left-padded batch: prefill, then one token per step for the rows still running. u: (B, max_tokens)."""
         B = len(rows)
         ids, mask = left_pad(rows, self.pad_id, dev)  # (B, P)
-        cache = base.new_cache()
+        decode = _Decoder(base)
         head = base.get_output_embeddings()
         # Prefill: the output layer only at the last position; (B, P, V) logits would be GBs with V = 151,936.
-        logits = head(base.get_decoder()(ids, attention_mask=mask, cache=cache)[:, -1])  # (B, V)
+        logits = head(decode(ids, mask))  # (B, V)
         stop = torch.tensor(sorted(set(params.stop_token_ids)), dtype=torch.long, device=dev)
         active = torch.arange(B, device=dev)  # original row of each batch row still generating
         toks = torch.full((B, params.max_tokens), self.pad_id, dtype=torch.long)  # (B, R) pad after stop
@@ -148,8 +180,8 @@ class BuiltinEngine:
             if bool(done.any()):  # finished rows leave the batch, and their cache rows with them
                 keep = (~done).nonzero().squeeze(1)
                 active, tok, mask = active[keep], tok[keep], mask[keep]
-                cache.select(keep)
-            logits = head(base.get_decoder()(tok[:, None], attention_mask=mask, cache=cache)[:, -1])  # (b, V)
+                decode.select(keep)
+            logits = head(decode(tok[:, None], mask))  # (b, V)
         out_ids = [toks[i, :length[i]].tolist() for i in range(B)]
         out_lp = [lps[i, :length[i]].tolist() for i in range(B)]
         return out_ids, out_lp, [STOP if s else LENGTH for s in stopped.tolist()]
@@ -166,6 +198,7 @@ def reference_greedy(model, prompt: list[int], max_tokens: int) -> list[int]:
     ids = list(prompt)
     with torch.no_grad():
         for _ in range(max_tokens):
-            logits = model(torch.tensor([ids]))[0, -1]  # (V,)
+            out = model(torch.tensor([ids]))  # the custom model's logits, or transformers' output
+            logits = (out if isinstance(out, torch.Tensor) else out.logits)[0, -1]  # (V,)
             ids.append(int(logits.argmax()))
     return ids[len(prompt):]

@@ -263,7 +263,7 @@ def test_output_dir_that_is_a_file_is_one_line(world, tmp_path, capsys):
         sft.main(cli(sft_values(world, tmp_path / "file")))
     err = capsys.readouterr().err
     assert e.value.code == 2 and err == f"config error: output_dir {tmp_path / 'file'} is a file, not a folder; " \
-                                        f"give a folder path (it is created if missing)\n"
+                                        f"give a folder path (it is created if missing)\n"  # phase 0, no model loaded
 
 
 def test_torn_metrics_line_is_cut_on_resume(world, tmp_path, capsys):
