@@ -150,3 +150,39 @@ def test_sync_from_zero3_shards_gathers_one_bucket_at_a_time(world, tmp_path, lo
     assert r["peak_gathered_bytes"] < r["whole_model_bytes"] / 2
     assert r["max_abs_diff"] == 0.0 if not lora_r else r["max_abs_diff"] < 1e-6  # a copy; LoRA: fp32 matmul order
     assert r["compared"] == r["copy_tensors"]  # every weight of the copy compared
+
+
+def test_ppo_zero3_resumes_exactly_and_refuses_other_launches(world, tmp_path):
+    """A ZeRO-3 run stopped after step 2 (checkpoint: both engines' shards, KL controller, reward statistics, RNG)
+    and resumed by a second launch logs the same step 3 and ends with the same weights as an uninterrupted run
+    (one plain process, which test_ppo_under_zero_equals_one_process shows equals uninterrupted ZeRO-3). Resuming
+    it under ZeRO-2, on one DeepSpeed rank or without DeepSpeed is refused with a message."""
+    launch(args(world, tmp_path / "one"), None, tmp_path)
+    ds = args(world, tmp_path / "ds", "--save_every", "1")
+    launch([*ds, "--stop_at_step", "2"], 3, tmp_path)
+    ckpt = tmp_path / "ds" / "checkpoints" / "step-00000002" / "deepspeed"
+    assert {"policy", "value", "zero.json"} <= {p.name for p in ckpt.iterdir()}
+    other = launch(ds, 2, tmp_path, check=False)
+    assert other.returncode != 0 and "written under ZeRO-3, resuming under ZeRO-2" in other.stderr
+    plain = launch(ds, None, tmp_path, check=False)
+    assert plain.returncode == 2 and "written under DeepSpeed ZeRO" in plain.stderr, plain.stderr[-3000:]
+    (tmp_path / "zero3.yaml").write_text((tmp_path / "zero3.yaml").read_text().replace("num_processes: 2",
+                                                                                      "num_processes: 1"))
+    one_rank = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                               str(tmp_path / "zero3.yaml"), *ds], env=ENV, cwd=REPO, capture_output=True, text=True)
+    assert one_rank.returncode != 0 and "saved by 2 ranks, resuming with 1" in one_rank.stderr
+    second = launch(ds, 3, tmp_path)
+    assert "resume from" in second.stdout and "step-00000002" in second.stdout
+    assert_same_metrics(tmp_path / "one", tmp_path / "ds", [0, 1, 2, 3])
+    assert_same_weights(tmp_path / "one" / "final", tmp_path / "ds" / "final")
+
+
+def test_lora_ppo_under_zero3_equals_one_process(world, tmp_path):
+    """LoRA policy (the reference = the adapter disabled, through the policy's engine) under ZeRO-3 on 2 ranks vs one
+    process: every metric, and the final merged policy, agree; the sampler's copy got the adapter merged per layer
+    (greedy check after every sync)."""
+    launch(args(world, tmp_path / "one", "--lora_r", "4"), None, tmp_path)
+    launch(args(world, tmp_path / "ds", "--lora_r", "4"), 3, tmp_path)
+    one = assert_same_metrics(tmp_path / "one", tmp_path / "ds", [0, 1, 2, 3])
+    assert one[-1]["kl_k3"] > 0  # the adapter moved the policy away from its reference
+    assert_same_weights(tmp_path / "one" / "final", tmp_path / "ds" / "final")
