@@ -62,11 +62,18 @@ def worker(a) -> None:
 
     def nll(m, ids):
         return -causal_lm_logprobs(m, ids, torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], 1)).sum()
+    ds = acc.distributed_type.value == "DEEPSPEED"
     for _ in range(2):
         loss = engine(nll, ids)
-        acc.backward(loss)
-        opt.step()
-        opt.zero_grad()
+        if ds:  # as align/ppo.py: the engine's own backward and step
+            from align.zero import backward, step
+
+            backward(engine, loss, acc.num_processes)
+            step(engine)
+        else:
+            acc.backward(loss)
+            opt.step()
+            opt.zero_grad()
     gc.collect()
     after = rss_bytes()
     weights = sum(tensor_bytes(getattr(p, "ds_tensor", p)) for p in model.parameters())
@@ -116,13 +123,13 @@ def main() -> None:
     for r in rows:
         print(f"{r['mode']:7} {r['rank']:>4} {r['rss_delta'] / gb:13.3f} {r['rss_delta'] / n:8.1f} "
               f"{r['weights_held'] / gb:11.3f} {r['optimizer_state_held'] / gb:13.3f}")
-    print("7B on 8 ranks (bytes/param measured on rank 0 x 7e9; fp32 here: bf16 weights on a GPU halve the weight "
-          "part):")
+    print("7B on 8 ranks, from the measured bytes per parameter (fp32 as here; the sharded parts / 8 instead of / 2):")
     for mode in ("dp", "zero2", "zero3"):
         r = next(x for x in rows if x["mode"] == mode and x["rank"] == 0)
-        per_param_fixed = (r["weights_held"] + r["optimizer_state_held"]) / n
-        print(f"  {mode:6}: held tensors {per_param_fixed:.1f} B/param on 2 ranks")
-
+        w, o = r["weights_held"] / n, r["optimizer_state_held"] / n  # bytes per parameter on this rank
+        at8 = (w if mode != "zero3" else w * 2 / 8) + (o if mode == "dp" else o * 2 / 8)
+        print(f"  {mode:6}: {w + o:5.1f} B/param per rank on 2 ranks -> {at8:5.2f} B/param on 8 ranks = "
+              f"{at8 * 7e9 / 1e9:6.1f} GB per rank for 7B (weights + AdamW state, gradients not counted)")
 
 if __name__ == "__main__":
     main()
