@@ -478,7 +478,8 @@ def ppo_update(run: Run, exp: dict, step: int) -> dict:
 
     Every rank holds the whole experience and the same mini-batch order; rank r backpropagates rows r, r + W, ... of
     each mini batch with losses divided by the mini batch's token (or response) count, and the gradients are summed
-    over ranks, so the step equals one process's."""
+    over ranks, so the step equals one process's. Under DeepSpeed each engine takes its model's backward and reduces
+    the gradients itself (align/zero.py)."""
     from align.experience import lm_loss_tensor
     from align.zero import backward as zero_backward
     from common.guard import check_finite
