@@ -91,34 +91,51 @@ def lm_loss(policy, rows: list[dict], pad_id: int, chunk_size: int, coef: float 
     """Summed NLL of packed text rows divided by n_tokens (default: their own token count, i.e. the token mean); with
     coef > 0 also backpropagates coef x that loss (PPO-ptx) through the fused weighted_logprob_sum (gradient
     computed in the forward). A rank passes the global batch's n_tokens so the ranks' losses add up to the mean."""
+    if not rows:
+        return 0.0
+    total = lm_loss_tensor(policy, rows, pad_id, chunk_size, coef, n_tokens)
+    if coef > 0:
+        total.backward()
+    return float(total.detach()) / (coef if coef > 0 else 1.0)
+
+
+def lm_loss_tensor(policy, rows: list[dict], pad_id: int, chunk_size: int, coef: float = 0.0,
+                   n_tokens: int | None = None) -> torch.Tensor:
+    """-coef x (summed log-probs of the rows' labels) / n_tokens as a scalar tensor (coef 0: the plain NLL, no graph);
+    with coef > 0 its backward gives coef x the LM-loss gradient (PPO-ptx; under DeepSpeed the engine runs it)."""
     from data.chatml import IGNORE_INDEX
     from data.datasets import collate
     from model.logprobs import weighted_logprob_sum
 
-    if not rows:
-        return 0.0
     dev = next(policy.parameters()).device
     b = {k: v.to(dev) for k, v in collate(rows, pad_id).items()}
     valid = (b["labels"] != IGNORE_INDEX).float()  # (B, T)
     n = max(n_tokens if n_tokens is not None else float(valid.sum()), 1)
     with torch.set_grad_enabled(coef > 0):
         hidden = policy.get_decoder()(b["input_ids"], b["attention_mask"], b["position_ids"])  # (B, T, H)
-        total = weighted_logprob_sum(hidden, policy.get_output_embeddings().weight, b["labels"],
-                                     -valid / n * (coef if coef > 0 else 1.0), chunk_size=chunk_size)
-        if coef > 0:
-            total.backward()
-    return float(total.detach()) / (coef if coef > 0 else 1.0)
+        return weighted_logprob_sum(hidden, policy.get_output_embeddings().weight, b["labels"],
+                                    -valid / n * (coef if coef > 0 else 1.0), chunk_size=chunk_size)
 
 
-def heldout_loss(policy, rows: list[dict], pad_id: int, chunk_size: int, batch: int = 8, acc=None) -> float:
+def heldout_loss(policy, rows: list[dict], pad_id: int, chunk_size: int, batch: int = 8, acc=None,
+                 call=None) -> float:
     """Alignment tax probe: token-mean NLL over the held-out pretraining rows (no grad). With an accelerator of W
-    processes the rows are split over the ranks and the partial sums added."""
+    processes each group of W x batch rows is split over the ranks and the partial sums added. `call(fn, *args)`
+    runs fn(policy, *args) inside a DeepSpeed engine (align/zero.py); then every rank runs the same number of
+    forwards (ZeRO-3 gathers weights in each), a rank without rows in a group scoring one row it then drops."""
     from common.loop import sum_over_ranks
 
     W, rank = (acc.num_processes, acc.process_index) if acc is not None else (1, 0)
-    mine, n_all = rows[rank::W], label_count(rows)
-    total = sum(lm_loss(policy, mine[s:s + batch], pad_id, chunk_size, n_tokens=n_all)
-                for s in range(0, len(mine), batch))
+    n_all = label_count(rows)
+    run = call if call is not None else (lambda fn, *a, **k: fn(policy, *a, **k))  # noqa: E731
+    total = 0.0
+    for s in range(0, len(rows), W * batch):
+        group = rows[s:s + W * batch]
+        mine = group[rank::W]
+        if mine:
+            total += float(run(lm_loss, mine, pad_id, chunk_size, n_tokens=n_all))
+        elif call is not None:
+            run(lm_loss, group[:1], pad_id, chunk_size, n_tokens=n_all)  # a collective forward; result dropped
     return sum_over_ranks(acc, [total])[0] if acc is not None else total
 
 

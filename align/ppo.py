@@ -28,6 +28,7 @@ One PPO step (iteration), in numbered phases:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -42,6 +43,7 @@ from align.ppo_losses import (AdaptiveKLController, FixedKLController, RunningMe
 from align.experience import (eos_ids, gather_rows, heldout_loss, label_count, lm_loss, response_logprobs,
                               rollout_tensors, stop_ids)
 from align.models import LORA_TARGETS, save_model, with_lora
+from align.zero import Models
 from align.rl import (CRITIC_FREE, OptimizerPair, advantages, check_estimator,
                       check_policy_context, describe_score, load_reward_func, loss_reduction, reduction,
                       response_values, reward_model_scores, total_score)
@@ -282,9 +284,13 @@ def tokenizers_match(c: PPOConfig, tok, rtok) -> bool:
 def reference_logprobs(run, batch: dict) -> torch.Tensor:
     """log pi_ref(response tokens) (N, R): the frozen SFT copy, or with LoRA the policy with its adapter disabled."""
     if run.ref is not None:
-        return response_logprobs(run.ref, batch, run.c.temperature, run.c.chunk_size)
-    with run.policy.disable_adapter():
-        return response_logprobs(run.policy, batch, run.c.temperature, run.c.chunk_size)
+        return run.call(run.zero.ref_engine, run.ref, response_logprobs, batch, run.c.temperature, run.c.chunk_size)
+    return run.policy_call(lora_disabled_logprobs, batch, run.c.temperature, run.c.chunk_size)
+
+
+def lora_disabled_logprobs(policy, batch: dict, temperature: float, chunk_size: int) -> torch.Tensor:
+    with policy.disable_adapter():
+        return response_logprobs(policy, batch, temperature, chunk_size)
 
 
 def load_data(c: PPOConfig, tok):
@@ -330,10 +336,17 @@ def load_models(c: PPOConfig, resume_dir: Path | None, device):
     return policy, ref, reward, value
 
 
-def build_engine(c: PPOConfig, policy, pad_id: int):
-    """rollout.make_engine; vLLM is imported only for engine 'vllm' (it loads the SFT folder, then gets synced)."""
+def build_engine(c: PPOConfig, policy, pad_id: int, stage: int = 0):
+    """rollout.make_engine; vLLM is imported only for engine 'vllm' (it loads the SFT folder, then gets synced).
+    Under ZeRO-3 the built-in engine samples from its own whole copy of the policy (as vLLM does), loaded from the
+    SFT folder and synced from the shards one size-capped bucket at a time (rollout/sync.py)."""
     from rollout import make_engine
 
+    if c.engine == "builtin" and stage == 3:
+        from model.checkpoint import load_causal_lm
+        from rollout.builtin import ShardedSyncEngine
+
+        return ShardedSyncEngine(load_causal_lm(c.policy_path).eval().requires_grad_(False), pad_id=pad_id)
     if c.engine == "builtin":
         return make_engine("builtin", policy, pad_id=pad_id)
     return make_engine("vllm", policy, c.policy_path, max_model_len=c.max_prompt_len + c.max_new_tokens,
@@ -375,6 +388,15 @@ class Run:
     folder: object = None  # common.run.RunDir: the output folder's run (lock, checkpoints, metrics)
     eos_ids: list = None  # stop ids that end a reply with an EOS (stop_ids without <|reward|>)
     reward_funcs: list = None  # [(name, callable)] from reward_funcs
+    zero: Models = None  # the DeepSpeed engines (align/zero.py); all None without DeepSpeed
+
+    @staticmethod
+    def call(engine, model, fn, *args, **kwargs):
+        """fn(model, *args): inside `engine`'s forward under DeepSpeed (ZeRO-3 gathers the weights it reads)."""
+        return fn(model, *args, **kwargs) if engine is None else engine(fn, *args, **kwargs)
+
+    def policy_call(self, fn, *args, **kwargs):
+        return self.call(self.zero.policy_engine, self.policy, fn, *args, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -413,7 +435,7 @@ def make_experience(run: Run, step: int) -> tuple[dict, dict]:
         parts = []
         for s in range(0, n, c.micro_batch_size):
             mb = {k: v[s:s + c.micro_batch_size] for k, v in b.items()}
-            old, ent = response_logprobs(run.policy, mb, c.temperature, c.chunk_size, entropy=True)
+            old, ent = run.policy_call(response_logprobs, mb, c.temperature, c.chunk_size, entropy=True)
             values = response_values(run.value, mb) if run.value is not None else torch.zeros_like(old)
             parts.append((old, ent, reference_logprobs(run, mb), values))
         old_logp, entropy, ref_logp, values = (torch.cat(x).float().cpu() for x in zip(*parts))  # (n, R_rank)
@@ -479,7 +501,10 @@ def ppo_update(run: Run, exp: dict, step: int) -> dict:
 
     Every rank holds the whole experience and the same mini-batch order; rank r backpropagates rows r, r + W, ... of
     each mini batch with losses divided by the mini batch's token (or response) count, and the gradients are summed
-    over ranks, so the step equals one process's."""
+    over ranks, so the step equals one process's. Under DeepSpeed each engine takes its model's backward and reduces
+    the gradients itself (align/zero.py)."""
+    from align.experience import lm_loss_tensor
+    from align.zero import backward as zero_backward
     from common.guard import check_finite
     from common.loop import mini_batch_rows, sum_gradients, sum_over_ranks
 
@@ -504,36 +529,48 @@ def ppo_update(run: Run, exp: dict, step: int) -> dict:
             for s in range(0, len(mine), c.micro_batch_size):
                 mb = {key: v[mine[s:s + c.micro_batch_size].to(v.device)] for key, v in exp.items()}
                 with run.acc.autocast():
-                    loss, add = 0.0, {}
+                    vloss, ploss, add = None, None, {}
                     if critic:
                         v_new = response_values(run.value, mb)  # (n, R)
                         vl, vstats = value_loss(v_new.float(), mb["values"], mb["returns"], mb["mask"], c.value_clip,
                                                 total=n_tok)
-                        loss, add = vl, {"value_loss": vl.item(), **{k2: x.item() for k2, x in vstats.items()}}
+                        vloss, add = vl, {"value_loss": vl.item(), **{k2: x.item() for k2, x in vstats.items()}}
                     if not warmup:
-                        logp = response_logprobs(run.policy, mb, c.temperature, c.chunk_size).float()  # (n, R)
+                        logp = run.policy_call(response_logprobs, mb, c.temperature, c.chunk_size).float()  # (n, R)
                         pl, pstats = ppo_policy_loss(logp, mb["old_logp"], mb["advantages"], mb["mask"], c.clip,
                                                      reduce=reduce, total=total, n_tokens=n_tok)
-                        loss = loss + pl
+                        ploss = pl
                         add |= {"policy_loss": pl.item(), **{k2: x.item() for k2, x in pstats.items()}}
                         if c.kl_in == "loss":  # GRPO: kl_coef x k3 to the reference, reduced like the policy loss
                             kll = kl_loss(logp, mb["ref_logp"], mb["mask"], run.kl_ctl.value, reduce, total)
-                            loss, add["kl_loss"] = loss + kll, kll.item()
+                            ploss, add["kl_loss"] = ploss + kll, kll.item()
+                loss = sum(x for x in (vloss, ploss) if x is not None)
                 check_finite(step + 1, {"loss": loss}, run.folder.last_ckpt)
-                loss.backward()
+                if run.zero.deepspeed:  # each engine its own backward (the graphs are disjoint)
+                    for engine, x in ((run.zero.value_engine, vloss), (run.zero.policy_engine, ploss)):
+                        if x is not None:
+                            zero_backward(engine, x, W)
+                else:
+                    loss.backward()
                 for k2, x in add.items():
                     stats[k2] += x
             if not warmup and c.ptx_on:  # PPO-ptx: coef x LM loss on a pretraining batch (InstructGPT)
                 ptx_step = (step * c.ppo_epochs + epoch) * c.num_mini_batches + k
                 rows_ptx = [run.ptx_rows[i] for i in mini_batch_rows(ptx_step, len(run.ptx_rows), c.ptx_rows, c.seed)]
-                stats["ptx_loss"] = lm_loss(run.policy, rows_ptx[rank::W], run.pad_id, c.chunk_size,
-                                            coef=c.ptx_coef, n_tokens=label_count(rows_ptx))
+                if run.zero.deepspeed:  # ptx_rows >= ranks (setup): every rank one forward and backward
+                    ptx = run.policy_call(lm_loss_tensor, rows_ptx[rank::W], run.pad_id, c.chunk_size, c.ptx_coef,
+                                          label_count(rows_ptx))
+                    zero_backward(run.zero.policy_engine, ptx, W)
+                    stats["ptx_loss"] = float(ptx.detach()) / c.ptx_coef
+                else:
+                    stats["ptx_loss"] = lm_loss(run.policy, rows_ptx[rank::W], run.pad_id, c.chunk_size,
+                                                coef=c.ptx_coef, n_tokens=label_count(rows_ptx))
             stats = dict(zip(stats, sum_over_ranks(run.acc, list(stats.values()))))
             if run.value_emb_grad is not None:
                 run.value_emb_grad.densify()
-            if critic:
+            if critic and not run.zero.deepspeed:  # under DeepSpeed the engines reduce the gradients
                 sum_gradients(run.acc, run.value.parameters())
-            if not warmup:
+            if not warmup and not run.zero.deepspeed:
                 sum_gradients(run.acc, run.policy.parameters())
             stats |= optimizer_steps(run, warmup, step)
             for k2, x in stats.items():
@@ -546,6 +583,15 @@ def optimizer_steps(run: Run, warmup: bool, step: int) -> dict:
     """NaN guard on the gradient norms, clip, step the value optimizer (and the policy's after warmup)."""
     from common.guard import check_finite
 
+    if run.zero.deepspeed:  # DeepSpeed reduces, clips (its gradient_clipping = grad_clip) and steps
+        from align.zero import step as zero_step
+
+        out = {} if run.value is None else {"value_grad_norm": zero_step(run.zero.value_engine)}
+        if not warmup:
+            out["policy_grad_norm"] = zero_step(run.zero.policy_engine)
+        check_finite(step + 1, out, run.folder.last_ckpt)  # after the step: the weights check below stops the run
+        run.folder.check_weights(run.acc, step + 1, run.opt)
+        return out
     clip = run.c.grad_clip if run.c.grad_clip > 0 else math.inf
     out = {} if run.value is None else \
         {"value_grad_norm": float(torch.nn.utils.clip_grad_norm_(run.value.parameters(), clip))}
@@ -569,6 +615,7 @@ def setup(c: PPOConfig) -> tuple[Run, int, Path | None]:
 
     import numpy as np
 
+    from align.zero import check_deepspeed, prepare_models, zero_stage
     from common.loop import make_accelerator, restore_run_state
     from common.optim import SparseEmbeddingGrad, build_adamw
     from common.run import open_run
@@ -580,10 +627,18 @@ def setup(c: PPOConfig) -> tuple[Run, int, Path | None]:
     check_start(c)  # 0. checks that need no model (paths, data files, vLLM shape, context extension): seconds
     reward_funcs = [load_reward_func(spec) for spec in c.reward_funcs]  # an import error stops here, in one line
     acc = make_accelerator(c.precision, 1, c.micro_batch_size)
-    W = acc.num_processes
-    if acc.distributed_type.value == "DEEPSPEED":
-        raise ConfigError("align/ppo.py sums the ranks' gradients itself and does not run under DeepSpeed; launch it "
-                          "with configs/accelerate/multi_gpu.yaml or multi_cpu.yaml")
+    W, stage = acc.num_processes, zero_stage(acc)
+    check_deepspeed(acc, c.grad_clip)
+    if stage and c.ptx_on and c.ptx_rows < W:
+        raise ConfigError(f"under DeepSpeed every rank takes part of each PPO-ptx batch: ptx_rows ({c.ptx_rows}) must "
+                          f"be >= the number of processes ({W})")
+    if stage == 3 and c.engine == "vllm":
+        raise ConfigError("engine vllm is not yet synced from ZeRO-3 shards; under zero3.yaml use --engine builtin "
+                          "(its weights are synced one size-capped bucket at a time), or zero2.yaml with vllm")
+    if stage == 3 and c.model_impl == "hf":
+        raise ConfigError("model_impl hf is not yet synced from ZeRO-3 shards (the built-in engine's whole copy is the "
+                          "custom model); under zero3.yaml use a Qwen2/Qwen3 policy with model_impl custom, or "
+                          "zero2.yaml")
     n_resp = c.rollout_batch_prompts * c.samples_per_prompt
     if c.rollout_batch_prompts % W or (n_resp // c.num_mini_batches) % W:
         raise ConfigError(f"with {W} processes, rollout_batch_prompts ({c.rollout_batch_prompts}) and the mini batch "
@@ -607,24 +662,30 @@ def setup(c: PPOConfig) -> tuple[Run, int, Path | None]:
                           f"rollout_batch_prompts ({c.rollout_batch_prompts}): lower rollout_batch_prompts, or add "
                           f"prompts")
     policy, ref, reward, value = load_models(c, resume_dir, acc.device)
-    opt = OptimizerPair(build_adamw(policy, c.policy_lr, c.betas, 1e-8, c.weight_decay),
-                        None if value is None else build_adamw(value, c.value_lr, c.betas, 1e-8, c.weight_decay))
+    opt_p = build_adamw(policy, c.policy_lr, c.betas, 1e-8, c.weight_decay)
+    opt_v = None if value is None else build_adamw(value, c.value_lr, c.betas, 1e-8, c.weight_decay)
+    zero, engine = Models(world=W), build_engine(c, policy, pad(tok), stage)
+    value_emb_grad = None if value is None or stage else SparseEmbeddingGrad(value.get_input_embeddings())
+    if stage:  # policy and value: one DeepSpeed engine each; ZeRO-3: reference and reward sharded too
+        opt_p, value, opt_v, reward = prepare_models(acc, zero, policy, opt_p, value, opt_v, ref, reward)
+    opt = OptimizerPair(opt_p, opt_v)
     kl_ctl = AdaptiveKLController(c.kl_coef, c.kl_target, c.kl_horizon, c.kl_min_coef) if c.kl_adaptive else \
         FixedKLController(c.kl_coef)
-    run = Run(c, acc, policy, ref, reward, value, opt, build_engine(c, policy, pad(tok)), tok, rtok, same, pad(tok),
+    run = Run(c, acc, policy, ref, reward, value, opt, engine, tok, rtok, same, pad(tok),
               pad(rtok), None if reward is None else special_id(rtok, REWARD_TOKEN),
               stop_ids(tok, rtok if same and reward is not None else None, gen_eos),
               prompts, ptx, heldout, kl_ctl, RunningMeanStd(), use_true_reward(c),  # sparse: exact, rows touched only
-              value_emb_grad=None if value is None else SparseEmbeddingGrad(value.get_input_embeddings()),
-              folder=folder, reward_funcs=reward_funcs, eos_ids=eos_ids(tok, gen_eos))
+              value_emb_grad=value_emb_grad, folder=folder, reward_funcs=reward_funcs, zero=zero,
+              eos_ids=eos_ids(tok, gen_eos))
     start = 0
     if resume_dir is not None:  # exact resume: weights above, then optimizers, statistics and RNG state
-        ts = restore_run_state(acc, resume_dir, opt, None, "n_prompts", len(prompts))
+        ts = restore_run_state(acc, resume_dir, opt, None, "n_prompts", len(prompts), engines=zero.trained())
         start, run.tax_start = ts["step"], ts["tax_start"]
         kl_ctl.load_state_dict(ts["kl_ctl"]), run.reward_stats.load_state_dict(ts["reward_stats"])
     if acc.is_main_process:
         print(f"[ppo] {report}\n[ppo] {len(prompts)} prompts, {len(ptx)} ptx rows, {len(heldout)} held-out rows, "
-              f"{n_resp} responses/step over {W} process(es), steps {start}->{c.max_steps}, "
+              f"{n_resp} responses/step over {W} process(es){f' (DeepSpeed ZeRO-{stage})' if stage else ''}, "
+              f"steps {start}->{c.max_steps}, "
               f"engine {c.engine}, tokenizers {'equal' if same else 'differ: re-tokenising'}, resume from "
               f"{resume_dir}\n[ppo] advantage {c.advantage}"
               f"{'' if value is not None else ' (no value model, no warmup)'}, KL in the {c.kl_in}, loss "
@@ -638,23 +699,25 @@ def setup(c: PPOConfig) -> tuple[Run, int, Path | None]:
 def checkpoint(run: Run, step: int):
     def write_models(d: Path):
         save_model(run.policy, d, run.tok)  # LoRA: the adapter
-        if run.value is not None:  # critic-free: no value model
-            run.value.save_pretrained(d.parent / "value")  # inside the same atomic checkpoint folder
+        if run.value is not None:  # critic-free: no value model; under DeepSpeed run.value is its engine
+            getattr(run.value, "module", run.value).save_pretrained(d.parent / "value")  # same atomic folder
     state = {"step": step, "n_prompts": len(run.prompts), "tax_start": run.tax_start,
              "kl_ctl": run.kl_ctl.state_dict(), "reward_stats": run.reward_stats.state_dict()}
-    return run.folder.save(run.acc, step, write_models, run.opt, None, state, run.c.keep_last)
+    return run.folder.save(run.acc, step, write_models, run.opt, None, state, run.c.keep_last,
+                           engines=run.zero.trained())
 
 
 def train(c: PPOConfig) -> list[dict]:
     """Run PPO as configured; returns the metrics of the steps run by this call."""
     from tqdm.auto import tqdm
 
-    from common.metrics import plot_metrics, read_jsonl
+    from common.loop import full_weights
 
     run, start, resume_dir = setup(c)
     out = Path(c.output_dir)
     log = run.folder.metrics()  # resuming: cut back to the rows logged before the checkpoint
-    tax = lambda: heldout_loss(run.policy, run.heldout_rows, run.pad_id, c.chunk_size, acc=run.acc)  # noqa: E731
+    tax = lambda: heldout_loss(run.policy, run.heldout_rows, run.pad_id, c.chunk_size, acc=run.acc,  # noqa: E731
+                               call=run.policy_call if run.zero.deepspeed else None)
     if run.heldout_rows and run.tax_start is None:  # the alignment tax before PPO
         run.tax_start = tax()
         log.log(0, {"heldout_lm_loss": run.tax_start, "alignment_tax": 0.0})
@@ -667,7 +730,8 @@ def train(c: PPOConfig) -> list[dict]:
         n_syncs += synced
         verify_s = time.perf_counter()
         if synced and c.verify_sync_every and n_syncs % c.verify_sync_every == 1 % c.verify_sync_every:
-            run.engine.greedy_check(run.policy, [p["prompt_ids"] for p in run.prompts[:4]])  # raises on mismatch
+            run.engine.greedy_check(run.policy, [p["prompt_ids"] for p in run.prompts[:4]],  # raises on mismatch
+                                    **({"call": run.policy_call} if run.zero.deepspeed else {}))
         verify_s = time.perf_counter() - verify_s
         exp, m = make_experience(run, step)  # 1-4
         t1 = time.perf_counter()
@@ -689,18 +753,26 @@ def train(c: PPOConfig) -> list[dict]:
         if (c.save_every and (step + 1) % c.save_every == 0) or step + 1 == stop:
             checkpoint(run, step + 1)
     bar.close()
-    if stop == c.max_steps and run.acc.is_main_process:
-        with run.folder.writing("the final policy"):
-            save_model(run.policy, out / "final", run.tok, merge=True)  # LoRA: merged into the SFT weights
-            rows = read_jsonl(out / "metrics.jsonl")  # the whole run's, resumed or not
-            keys = [k for k in ("true_reward", "rm_score", "score", "kl_k1", "kl_coef", "value_loss", "policy_loss",
-                                "kl_loss", "entropy", "response_length", "alignment_tax") if any(k in r for r in rows)]
-            title = "PPO" if run.value is not None else c.advantage.upper()
-            plot_metrics(out / "metrics.jsonl", out / "ppo.png", keys, title=title)
-        print(f"[ppo] done: policy in {out / 'final'}, curves in {out / 'ppo.png'}", flush=True)
+    with full_weights(run.acc, run.zero.policy_engine) if stop == c.max_steps else contextlib.nullcontext():
+        if stop == c.max_steps and run.acc.is_main_process:  # ZeRO-3: every rank gathered the weights above
+            final_outputs(run, out)
     log.close()
     run.folder.end(run.acc, finished=stop == c.max_steps)  # waits for every rank; marks the run finished
     return history
+
+
+def final_outputs(run: Run, out: Path) -> None:
+    """The final policy (LoRA merged) and the curves; on the main process (under ZeRO-3 inside full_weights)."""
+    from common.metrics import plot_metrics, read_jsonl
+
+    with run.folder.writing("the final policy"):
+        save_model(run.policy, out / "final", run.tok, merge=True)  # LoRA: merged into the SFT weights
+        rows = read_jsonl(out / "metrics.jsonl")  # the whole run's, resumed or not
+        keys = [k for k in ("true_reward", "rm_score", "score", "kl_k1", "kl_coef", "value_loss", "policy_loss",
+                            "kl_loss", "entropy", "response_length", "alignment_tax") if any(k in r for r in rows)]
+        title = "PPO" if run.value is not None else run.c.advantage.upper()
+        plot_metrics(out / "metrics.jsonl", out / "ppo.png", keys, title=title)
+    print(f"[ppo] done: policy in {out / 'final'}, curves in {out / 'ppo.png'}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -115,12 +115,13 @@ def deepspeed_engine(accelerator):
 
 
 @contextlib.contextmanager
-def full_weights(accelerator) -> Iterator[None]:
+def full_weights(accelerator, engine=None) -> Iterator[None]:
     """Under ZeRO-3 each rank holds a shard of every parameter: inside this block the main process's parameters are
     the full weights (on CPU), so it can write the Hugging Face folder with the usual code. DeepSpeed gathers them
     one module at a time (GPU memory: one layer), copying each to the main process's CPU memory (the whole model in
-    its training dtype). A collective: enter it on every rank. Otherwise a no-op."""
-    engine = deepspeed_engine(accelerator)
+    its training dtype). A collective: enter it on every rank. Otherwise a no-op. `engine`: which engine's model
+    (default: the one accelerate prepared first)."""
+    engine = engine if engine is not None else deepspeed_engine(accelerator)
     if engine is None or engine.zero_optimization_stage() != 3:
         yield
         return
@@ -141,48 +142,65 @@ def full_weights(accelerator) -> Iterator[None]:
 
 def save_run_checkpoint(accelerator, root: str | Path, step: int, save_model: Callable[[Path], None], optimizer,
                         scheduler, train_state: dict[str, Any], keep_last: int, run_id: str | None = None,
-                        meta: dict[str, Any] | None = None) -> Path | None:
+                        meta: dict[str, Any] | None = None, engines: dict | None = None) -> Path | None:
     """Gather every rank's RNG state, then the main process writes the checkpoint atomically; all ranks wait.
     Under DeepSpeed the optimizer state is sharded: every rank first writes its shard with the engine's own
     `save_checkpoint` into a temporary folder, which the main process moves into the checkpoint before the rename
     (so a crash leaves the previous checkpoint as the latest; every rank must see `root`: one machine or a shared
     filesystem). Under ZeRO-3 the weights are gathered for the save. Trainers call it through RunDir.save, which
-    passes the run id and the metrics row count (meta.json)."""
+    passes the run id and the metrics row count (meta.json). `engines` {tag: engine}: several trained engines
+    (PPO: policy and value), each saved under deepspeed/<tag>/; default {"zero": the accelerator's engine}."""
     from accelerate.utils import gather_object
 
     rngs = gather_object([rng_state()]) if accelerator.num_processes > 1 else [rng_state()]
     root = Path(root)
-    engine, shards = deepspeed_engine(accelerator), None
-    if engine is not None:
+    engines = trained_engines(accelerator, engines)
+    shards = None
+    if engines:
         shards = root / f".{checkpoint_name(step)}.{DEEPSPEED_DIR}.tmp"
         if accelerator.is_main_process:
             for old in root.glob(f".step-*.{DEEPSPEED_DIR}.tmp"):  # left by a crash mid-save
                 shutil.rmtree(old, ignore_errors=True)
         accelerator.wait_for_everyone()
-        engine.save_checkpoint(str(shards), tag=DEEPSPEED_TAG, save_latest=False)  # every rank: its shard
+        for tag, engine in engines.items():
+            engine.save_checkpoint(str(shards), tag=tag, save_latest=False)  # every rank: its shard
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            (shards / ZERO_FILE).write_text(json.dumps({"zero_stage": engine.zero_optimization_stage(),
-                                                        "ranks": accelerator.num_processes}) + "\n")
+            stage = next(iter(engines.values())).zero_optimization_stage()
+            (shards / ZERO_FILE).write_text(json.dumps({"zero_stage": stage, "ranks": accelerator.num_processes}
+                                                       | ({} if list(engines) == [DEEPSPEED_TAG] else
+                                                          {"engines": sorted(engines)})) + "\n")
     path = None
-    with full_weights(accelerator):
+    with contextlib.ExitStack() as stack:
+        for engine in engines.values():
+            stack.enter_context(full_weights(accelerator, engine))
         if accelerator.is_main_process:
-            path = save_checkpoint(root, step, save_model, None if engine else optimizer, scheduler, train_state,
+            path = save_checkpoint(root, step, save_model, None if engines else optimizer, scheduler, train_state,
                                    rngs, keep_last, extra_dirs={DEEPSPEED_DIR: shards} if shards else None,
                                    run_id=run_id, meta=meta)
     accelerator.wait_for_everyone()
     return path
 
 
+def trained_engines(accelerator, engines: dict | None) -> dict:
+    """{tag: DeepSpeedEngine} to checkpoint: `engines` as given, else the accelerator's one engine under "zero"
+    ({} without DeepSpeed)."""
+    if engines is not None:
+        return {tag: e for tag, e in engines.items() if e is not None}
+    engine = deepspeed_engine(accelerator)
+    return {} if engine is None else {DEEPSPEED_TAG: engine}
+
+
 def restore_run_state(accelerator, ckpt_dir: str | Path, optimizer, scheduler, count_key: str | None = None,
-                      count: int | None = None) -> dict[str, Any]:
+                      count: int | None = None, engines: dict | None = None) -> dict[str, Any]:
     """Load optimizer (under DeepSpeed: this rank's shard, with the engine), scheduler (None: none) and this rank's
     RNG state from a checkpoint; return its train_state. With `count_key`, the saved train_state[count_key] must
     equal `count` (the batch plan depends on the data size). Nothing is unpickled: our state is JSON +
     safetensors, DeepSpeed's shards are read with weights_only and an allow-list (common/safestate.py)."""
     ckpt_dir = Path(ckpt_dir)
     state = load_checkpoint_state(ckpt_dir)
-    engine, shards = deepspeed_engine(accelerator), ckpt_dir / DEEPSPEED_DIR
+    engines = trained_engines(accelerator, engines)
+    engine, shards = next(iter(engines.values()), None), ckpt_dir / DEEPSPEED_DIR
     if engine is not None and not shards.is_dir():
         raise RunRefused(f"{ckpt_dir}: written without DeepSpeed (its optimizer state is in {STATE_FILE}); resume "
                          f"with the accelerate config it was written with, or start a new run from "
@@ -204,9 +222,9 @@ def restore_run_state(accelerator, ckpt_dir: str | Path, optimizer, scheduler, c
         if saved != engine.zero_optimization_stage():
             raise RunRefused(f"{ckpt_dir}: written under ZeRO-{saved}, resuming under "
                              f"ZeRO-{engine.zero_optimization_stage()}; resume with the same DeepSpeed config")
-        loaded = load_deepspeed_shards(engine, shards)
-        if loaded is None:
-            raise RunRefused(f"{shards}: DeepSpeed could not load this checkpoint (see its log above)")
+        for tag, engine in engines.items():
+            if load_deepspeed_shards(engine, shards, tag) is None:
+                raise RunRefused(f"{shards / tag}: DeepSpeed could not load this checkpoint (see its log above)")
     else:
         optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None:
@@ -215,7 +233,7 @@ def restore_run_state(accelerator, ckpt_dir: str | Path, optimizer, scheduler, c
     return ts
 
 
-def load_deepspeed_shards(engine, shards: Path):
+def load_deepspeed_shards(engine, shards: Path, tag: str = DEEPSPEED_TAG):
     """engine.load_checkpoint with the engine's file reader swapped for common.safestate.safe_torch_load: DeepSpeed
     itself calls torch.load(weights_only=False) on every shard (a pickle), which would run a planted payload."""
     from common.safestate import safe_torch_load
@@ -223,7 +241,7 @@ def load_deepspeed_shards(engine, shards: Path):
     reader = engine.checkpoint_engine
     reader.load = lambda path, map_location=None: safe_torch_load(path, map_location=map_location)
     try:
-        loaded, _ = engine.load_checkpoint(str(shards), tag=DEEPSPEED_TAG, load_optimizer_states=True,
+        loaded, _ = engine.load_checkpoint(str(shards), tag=tag, load_optimizer_states=True,
                                            load_lr_scheduler_states=False)
     finally:
         del reader.load  # the instance attribute shadowed the class's method

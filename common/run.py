@@ -186,7 +186,7 @@ class RunDir:
         check_finite_weights(step, int(bad), int(total), self.last_ckpt)
 
     def save(self, acc, step: int, save_model: Callable[[Path], None], optimizer, scheduler,
-             train_state: dict[str, Any], keep_last: int) -> Path | None:
+             train_state: dict[str, Any], keep_last: int, engines: dict | None = None) -> Path | None:
         """Checkpoint `step` of this run (common.loop.save_run_checkpoint) after checking the weights it holds are
         finite. A file-system failure becomes RunIOError naming the step and the checkpoint that is intact."""
         from common.loop import save_run_checkpoint
@@ -195,7 +195,7 @@ class RunDir:
         rows = self.log.rows if self.log is not None else None
         try:
             path = save_run_checkpoint(acc, self.ckpt_root, step, save_model, optimizer, scheduler, train_state,
-                                       keep_last, run_id=self.run_id, meta={"metrics_rows": rows})
+                                       keep_last, run_id=self.run_id, meta={"metrics_rows": rows}, engines=engines)
         except Exception as e:
             words = fs_words(e, self.ckpt_root)
             if words is None:

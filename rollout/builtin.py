@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from rollout.base import LENGTH, STOP, Rollout, SamplingParams, check_prompts
-from rollout.sync import unwrap, verify_greedy
+from rollout.sync import DEFAULT_BUCKET_BYTES, load_buckets, unwrap, verify_greedy
 
 
 def top_p_filter(logits: torch.Tensor, top_p: float, k: int = 1024) -> torch.Tensor:
@@ -186,11 +186,40 @@ class BuiltinEngine:
         out_lp = [lps[i, :length[i]].tolist() for i in range(B)]
         return out_ids, out_lp, [STOP if s else LENGTH for s in stopped.tolist()]
 
-    def greedy_check(self, model, prompts: list[list[int]], max_tokens: int = 8, atol: float | None = None) -> dict:
-        """The KV-cache greedy rollout of `model` against its own no-cache forward (see rollout.sync.verify_greedy)."""
+    def greedy_check(self, model, prompts: list[list[int]], max_tokens: int = 8, atol: float | None = None,
+                     call=None) -> dict:
+        """The KV-cache greedy rollout of `model` against its own no-cache forward (see rollout.sync.verify_greedy;
+        call: how to run a function of the model inside its DeepSpeed engine)."""
         self.sync_weights(model)
         greedy = self.generate(prompts, SamplingParams(n=1, temperature=0.0, top_p=1.0, max_tokens=max_tokens))
-        return verify_greedy(model, prompts, greedy, atol)
+        return verify_greedy(model, prompts, greedy, atol, call=call)
+
+
+class ShardedSyncEngine(BuiltinEngine):
+    """The built-in sampler on its own whole copy of the policy, for a policy trained under DeepSpeed ZeRO-3 (each
+    rank holds only a shard of every weight, so sampling from the trained module would gather every layer for every
+    token). Like vLLM it holds the whole model in inference form; `sync_weights` fills it from the shards one
+    size-capped bucket at a time (rollout.sync.load_buckets: LoRA merged per layer, never the whole model gathered)."""
+
+    def __init__(self, model, pad_id: int = 0, max_batch_rows: int = 256, bucket_bytes: int = DEFAULT_BUCKET_BYTES):
+        super().__init__(model, pad_id, max_batch_rows)
+        self.bucket_bytes = bucket_bytes
+        self.last_sync: dict = {}
+
+    def sync_weights(self, model) -> float:
+        """Copy the policy's weights into the engine's copy; a collective under ZeRO-3. Returns seconds."""
+        import time
+
+        t0 = time.perf_counter()
+        self.last_sync = load_buckets(self.model, model, self.bucket_bytes)
+        return time.perf_counter() - t0
+
+    def greedy_check(self, model, prompts: list[list[int]], max_tokens: int = 8, atol: float | None = None,
+                     call=None) -> dict:
+        """The copy's KV-cache greedy rollout against the trained policy's own forward (no sync here: the check
+        must see what the last sync left in the copy)."""
+        greedy = self.generate(prompts, SamplingParams(n=1, temperature=0.0, top_p=1.0, max_tokens=max_tokens))
+        return verify_greedy(model, prompts, greedy, atol, call=call)
 
 
 def reference_greedy(model, prompt: list[int], max_tokens: int) -> list[int]:

@@ -202,10 +202,11 @@ class VLLMEngine:
         log.info("vLLM weight sync: %d tensors in %.1f ms", len(sd), seconds * 1e3)
         return seconds
 
-    def greedy_check(self, model, prompts: list[list[int]], max_tokens: int = 8, atol: float | None = None) -> dict:
+    def greedy_check(self, model, prompts: list[list[int]], max_tokens: int = 8, atol: float | None = None,
+                     call=None) -> dict:
         """vLLM's greedy tokens and log-probs against the policy's own (rollout.sync.verify_greedy); raises
         GreedyMismatch naming the first differing prompt and position. Returns the comparison statistics."""
         greedy = self.generate(prompts, SamplingParams(n=1, temperature=0.0, top_p=1.0, max_tokens=max_tokens))
-        stats = verify_greedy(model, prompts, greedy, atol)
+        stats = verify_greedy(model, prompts, greedy, atol, call=call)
         log.info("vLLM greedy check: %s", stats)
         return stats

@@ -1,0 +1,63 @@
+"""Run by tests/test_ppo_deepspeed.py::test_sync_from_zero3_shards_gathers_one_bucket_at_a_time under `accelerate
+launch` with configs/accelerate/zero3.yaml on 2 ranks (not a test module itself).
+
+A policy (optionally with a LoRA adapter whose B matrices are non-zero, so the merge matters) is prepared as a ZeRO-3
+engine exactly as align/ppo.py does; rollout.sync.load_buckets copies it into a plain copy with a small bucket. The
+main process writes a JSON report: the sync's measured peak of gathered bytes, the bucket size, the largest unit and
+the whole model's bytes, and the largest difference between the copy and the full (gathered, LoRA-merged) weights.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+
+
+def main(model_dir: str, out: str, lora_r: int, bucket_bytes: int) -> None:
+    from align.models import with_lora
+    from align.zero import ModelCall, check_deepspeed
+    from common.loop import full_weights, make_accelerator
+    from model.checkpoint import load_causal_lm
+    from rollout.sync import load_buckets, unwrap
+
+    acc = make_accelerator("fp32", 1, 2)
+    check_deepspeed(acc, 1.0)
+    policy = load_causal_lm(model_dir)
+    if lora_r:
+        policy = with_lora(policy, lora_r, 16.0, ["q_proj", "v_proj", "down_proj"], 0.0, None)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for n, p in policy.named_parameters():
+                if "lora_B" in n:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-3)
+    engine, _ = acc.prepare(ModelCall(policy), opt)
+    copy = load_causal_lm(model_dir)
+    with torch.no_grad():
+        for p in copy.parameters():
+            p.zero_()  # every weight must be written by the sync
+    sharded = sum(1 for p in unwrap(policy).parameters() if p.numel() == 0 or getattr(p, "ds_numel", 0) != p.numel())
+    stats = load_buckets(copy, policy, bucket_bytes)
+    whole = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in unwrap(policy).parameters())
+    with full_weights(acc, engine):
+        if acc.is_main_process:
+            full = {n: p.detach().clone() for n, p in unwrap(policy).named_parameters()}
+            if lora_r:  # the obvious merge on the gathered weights: W + B @ A x alpha / r
+                for n in [n for n in full if n.endswith(".base_layer.weight")]:
+                    stem = n[:-len(".base_layer.weight")]
+                    a, b = full[f"{stem}.lora_A.default.weight"], full[f"{stem}.lora_B.default.weight"]
+                    full[stem + ".weight"] = full.pop(n) + b @ a * (16.0 / lora_r)
+                full = {n.replace(".base_layer.", "."): v for n, v in full.items() if ".lora_" not in n}
+            mine = dict(copy.named_parameters())
+            diff = max(float((mine[n] - v).abs().max()) for n, v in full.items())
+            report = {**stats, "whole_model_bytes": whole, "max_abs_diff": diff, "sharded_tensors": sharded,
+                      "compared": len(full), "copy_tensors": len(mine)}
+            with open(out, "w") as f:
+                json.dump(report, f)
+    acc.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
