@@ -80,6 +80,11 @@ class _TokenLogprobs(torch.autograd.Function):
         logp = torch.where(valid, logp, torch.zeros_like(logp))
         ctx.save_for_backward(hidden, weight, safe, valid, lse)
         ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        # All rows in one chunk and a gradient to come: keep exp(logits - max) (n, V) and its row sums for the
+        # backward instead of recomputing the logits there (3 head matmuls instead of 4, same memory: the backward
+        # would allocate that buffer again). Used once; a second backward (retain_graph) recomputes.
+        ctx.kept = ((ebuf if with_entropy else buf)[:N], tot) if 0 < N <= chunk_size and any(
+            ctx.needs_input_grad[:2]) else None
         ctx.mark_non_differentiable(entropy)
         return logp, entropy
 
@@ -91,11 +96,16 @@ class _TokenLogprobs(torch.autograd.Function):
         grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_w = torch.empty(weight.shape, dtype=torch.float32, device=weight.device) \
             if ctx.needs_input_grad[1] else None
-        buf = _chunk_buffer(hidden, cs, weight.shape[0])
+        kept, ctx.kept = ctx.kept, None
+        buf = None if kept is not None else _chunk_buffer(hidden, cs, weight.shape[0])
         for s in range(0, hidden.shape[0], cs):
             h = hidden[s:s + cs]
             # d logp / d logits = onehot(label) - softmax(logits), scaled by the upstream grad per row; in place.
-            gl = _logits_into(buf, h, weight, t).sub_(lse[s:s + cs, None]).exp_().mul_(-g[s:s + cs, None])
+            if kept is not None:  # one chunk, its exp(logits - max) kept by the forward
+                e, tot = kept
+                gl = e.mul_(-g[:, None] / tot)
+            else:
+                gl = _logits_into(buf, h, weight, t).sub_(lse[s:s + cs, None]).exp_().mul_(-g[s:s + cs, None])
             gl.scatter_add_(1, safe[s:s + cs, None], g[s:s + cs, None])
             gl = gl.to(hidden.dtype)
             if grad_h is not None:
