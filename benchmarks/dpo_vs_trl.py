@@ -196,7 +196,7 @@ def main():
     args = ap.parse_args()
     if args.impl:
         return worker(args)
-    print(machine_line(), flush=True)
+    print(machine_line(args.threads), flush=True)
     runs = {impl: [] for impl in IMPLS}
     with tempfile.TemporaryDirectory() as d:
         save_model(args, Path(d))

@@ -22,14 +22,14 @@ def load_average() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def machine_line() -> str:
-    """One line for a benchmark's header: vector path (and whether forced), threads, cores, load average."""
+def machine_line(threads: int | None = None) -> str:
+    """One line for a benchmark's header: vector path (and whether forced), the workers' threads, cores, load."""
     import torch
 
     forced = os.environ.get("ATEN_CPU_CAPABILITY")
     how = f" (ATEN_CPU_CAPABILITY={forced})" if forced else " (native)"
-    return (f"CPU vector path {cpu_path()}{how}, torch {torch.__version__}, {torch.get_num_threads()} threads on "
-            f"{os.cpu_count()} cores, load average {load_average()}")
+    return (f"CPU vector path {cpu_path()}{how}, torch {torch.__version__}, {threads or torch.get_num_threads()} "
+            f"threads per worker on {os.cpu_count()} cores, load average {load_average()}")
 
 
 def worker_env(threads: int | None = None) -> dict:

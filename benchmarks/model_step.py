@@ -142,7 +142,7 @@ def main():
         return worker(args)
     if args.threads:
         torch.set_num_threads(args.threads)  # the matmul peak below, and the workers through OMP_NUM_THREADS
-    print(machine_line(), flush=True)
+    print(machine_line(args.threads), flush=True)
     peak = matmul_tflops()
     runs = {"hf": [], "ours": []}
     for r in range(args.repeats):

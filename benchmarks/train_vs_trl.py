@@ -229,7 +229,7 @@ def main() -> None:
     out = Path(args.out)
     if args.worker:
         return worker(args.worker, out, args.steps, args.batch, args.seq_len)
-    print(machine_line(), flush=True)
+    print(machine_line(args.threads), flush=True)
     out.mkdir(parents=True, exist_ok=True)
     prepare(out, args.hidden, n_records=args.steps * args.batch)
     runs: dict[str, list] = {}
