@@ -12,12 +12,11 @@ The loop, in numbered phases:
   5. resume    6. train: chosen and rejected in one forward -> DPO / cDPO / IPO loss (+ optional chosen NLL)
   7. NaN guard, clip, optimizer step, log, checkpoint    8. final HF model (LoRA merged) + curves
 Log-probs come from the chunked kernel (model.logprobs) and only response positions go through the 151,936-wide
-output layer: the prompt tokens' logits are never computed (PITFALLS 9).
+output layer: the prompt tokens' logits are never computed (docs/PITFALLS.md#logits-memory).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import sys
 import time
@@ -28,7 +27,9 @@ import torch
 
 from align.dpo_losses import chosen_nll_loss, conservative_dpo_loss, ipo_loss, sigmoid_dpo_loss
 from align.models import LORA_TARGETS, build_base_model, build_model, save_model
-from common.config import ConfigError, cfg, parse_config, save_config
+from align.sequences import SequenceLogprobs, reference_mode, score_sequences, sequence_batch
+from common.config import ConfigError, cfg
+from common.run import RUN_CONTROL, run_main
 from data.tokenizer import load_tokenizer
 
 LOSS_TYPES = ("sigmoid", "conservative", "ipo")
@@ -52,7 +53,8 @@ class DPOConfig:
     lora_dropout: float = cfg(0.0, "dropout on the LoRA input")
     lora_target_modules: list[str] = cfg(LORA_TARGETS, "module names that get LoRA adapters")
     # --- data ---
-    train_files: list[str] = cfg([], "preference files (prompt/chosen/rejected JSONL, JSON, parquet, arrow)")
+    train_files: list[str] = cfg([], "preference files (prompt/chosen/rejected JSONL, JSON, parquet, arrow)",
+                                 required=True)
     seq_len: int = cfg(2048, "longest prompt + response in tokens")
     truncation: str = cfg("drop", "pairs longer than seq_len: 'drop' or 'truncate' (the prompt is cut from the left)")
     # --- loss ---
@@ -85,10 +87,15 @@ class DPOConfig:
     output_dir: str = cfg("runs/dpo", "checkpoints, metrics.jsonl, tb/, curves.png and the final model go here")
     save_every: int = cfg(0, "checkpoint every this many steps; 0 = only at the end")
     keep_last: int = cfg(1, "complete checkpoints kept")
-    resume: bool = cfg(True, "continue from the latest checkpoint in output_dir if there is one")
+    resume: bool = cfg(True, "continue the run in output_dir from its latest checkpoint (the config must match); "
+                             "false: start a new run (refused if output_dir holds one)")
+    overwrite_output_dir: bool = cfg(False, "with resume false: delete the run already in output_dir first")
     stop_at_step: Optional[int] = cfg(None, "checkpoint and stop after this step (time-limited jobs)")
     log_every: int = cfg(1, "log metrics every this many steps")
     seed: int = cfg(0, "seed for the data order, model init and dropout")
+
+    # fields that may change when a run is resumed (they only decide when to save, log or stop)
+    RESUME_MAY_CHANGE = RUN_CONTROL
 
     def validate(self):
         if (self.model_path is None) == (self.init_config is None):
@@ -96,8 +103,6 @@ class DPOConfig:
         if self.model_impl not in ("custom", "hf") or (self.init_config is not None and self.model_impl != "custom"):
             raise ConfigError(f"model_impl must be 'custom' or 'hf' (init_config needs 'custom'), "
                               f"got {self.model_impl!r}")
-        if not self.train_files:
-            raise ConfigError("train_files is empty: give at least one preference file")
         if self.loss_type not in LOSS_TYPES:
             raise ConfigError(f"loss_type must be one of {list(LOSS_TYPES)}, got {self.loss_type!r}")
         if self.loss_type == "conservative" and not 0 < self.label_smoothing < 0.5:
@@ -125,84 +130,16 @@ class DPOConfig:
 # ----------------------------------------------------------------------------------------------------------------
 # Pieces used by the loop.
 
-class SequenceLogprobs(torch.nn.Module):
-    """Summed response log-probs (N,) of N padded sequences; forward holds the whole computation so DDP wraps it.
-
-    Only positions with a label (the response tokens) go through the output layer: with a 151,936-wide vocabulary
-    the head is most of the step, and the prompt's next-token log-probs are not needed for DPO."""
-
-    def __init__(self, lm: torch.nn.Module, chunk_size: int):
-        super().__init__()
-        self.lm, self.chunk_size = lm, chunk_size
-
-    def forward(self, input_ids, labels, attention_mask, position_ids):  # each (N, T)
-        from data.chatml import IGNORE_INDEX
-        from model.logprobs import token_logprobs
-
-        out = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
-        hidden = out if isinstance(out, torch.Tensor) else out.last_hidden_state  # (N, T, H)
-        valid = labels != IGNORE_INDEX  # (N, T)
-        logp = token_logprobs(hidden[valid], self.lm.get_output_embeddings().weight, labels[valid],
-                              chunk_size=self.chunk_size)  # (n,) for the n response tokens
-        row = valid.nonzero()[:, 0]  # (n,) sequence of each response token
-        return torch.zeros(labels.shape[0], dtype=logp.dtype, device=logp.device).index_add(0, row, logp)  # (N,)
-
-
 def pair_batch(pairs: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """B pairs -> one padded batch of 2B sequences [chosen_1..B, rejected_1..B], labels on the responses only."""
-    from data.chatml import shift_labels
-    from data.datasets import collate
-
-    rows = []
-    for key in ("chosen_ids", "rejected_ids"):
-        for p in pairs:
-            ids = p["prompt_ids"] + p[key]
-            mask = [0] * len(p["prompt_ids"]) + [1] * len(p[key])
-            rows.append({"input_ids": ids, "labels": shift_labels(ids, mask)})
-    return collate(rows, pad_id)  # input_ids, labels, attention_mask, position_ids: (2B, T)
-
-
-@contextlib.contextmanager
-def reference_mode(seqlogp: SequenceLogprobs, ref: SequenceLogprobs | None):
-    """Yields the reference as a SequenceLogprobs, in eval mode (no dropout) and without gradients.
-
-    ref None: the policy itself, with its LoRA adapter disabled if it has one (peft `disable_adapter`). Without an
-    adapter that is only a valid reference before the first optimizer step (the cache at the start of a run)."""
-    net = ref if ref is not None else seqlogp
-    was_training = net.training
-    adapter = seqlogp.lm.disable_adapter() if ref is None and hasattr(seqlogp.lm, "peft_config") else \
-        contextlib.nullcontext()
-    net.eval()
-    try:
-        with torch.no_grad(), adapter:
-            yield net
-    finally:
-        net.train(was_training)
+    return sequence_batch([(p["prompt_ids"], p[key]) for key in ("chosen_ids", "rejected_ids") for p in pairs], pad_id)
 
 
 def cache_reference(acc, seqlogp, ref, pairs: list[dict], pad_id: int, batch_size: int) -> torch.Tensor:
-    """Reference summed log-probs (N, 2) [chosen, rejected] of all pairs: each rank scores every W-th pair, then
-    the shares are gathered, so every rank holds the whole table."""
-    from accelerate.utils import gather_object
-    from tqdm.auto import tqdm
-
-    W, rank = acc.num_processes, acc.process_index
-    mine = list(range(rank, len(pairs), W))
-    largest = -(-len(pairs) // W)  # every rank runs as many forwards: under ZeRO-3 each one gathers the weights
-    out = torch.zeros(len(pairs), 2, dtype=torch.float32)
-    with reference_mode(seqlogp, ref) as net:
-        for s in tqdm(range(0, largest, batch_size), desc="reference log-probs", disable=not acc.is_main_process):
-            idx = mine[s:s + batch_size]
-            rows = idx or mine[:1] or [0]  # a rank with a shorter share scores a pair again and drops the result
-            batch = {k: v.to(acc.device) for k, v in pair_batch([pairs[i] for i in rows], pad_id).items()}
-            with acc.autocast():
-                logps = net(**batch).float().cpu()  # (2b,)
-            if idx:
-                out[idx] = torch.stack(logps.chunk(2), dim=1)
-    if W > 1:
-        for idx, row in gather_object([(i, out[i]) for i in mine]):
-            out[idx] = row
-    return out
+    """Reference summed log-probs (N, 2) [chosen, rejected] of all pairs, every rank holding the whole table
+    (align.sequences.score_sequences: each rank scores its share, then they are gathered)."""
+    seqs = [(p["prompt_ids"], p[key]) for p in pairs for key in ("chosen_ids", "rejected_ids")]  # pair i: 2i, 2i+1
+    return score_sequences(acc, seqlogp, ref, seqs, pad_id, 2 * batch_size).view(len(pairs), 2)
 
 
 def preference_loss(c: DPOConfig, pc, pr, rc, rr, n_chosen, n_rejected):
@@ -249,6 +186,21 @@ def build_pairs(c: DPOConfig, tokenizer) -> tuple[list[dict], str]:
     return pairs, "\n".join(reports)
 
 
+def check_start(c: DPOConfig) -> None:
+    """Phase 0, before the accelerator and any model: output_dir, the model folder (or init_config) and every pair
+    file (read and validated once; build_pairs takes the result). A mistake here fails in seconds."""
+    from common.preflight import check_config_file, check_model_folder, check_output_dir
+    from data.datasets import check_records
+
+    check_output_dir(c.output_dir)
+    if c.model_path is not None:
+        check_model_folder(c.model_path, "model_path")
+    else:
+        check_config_file(c.init_config, "init_config")
+    for path in c.train_files:
+        check_records(path, kind="preference")
+
+
 def setup_reference(c: DPOConfig, acc, policy: SequenceLogprobs, pairs: list[dict], pad_id: int,
                     saved_cache: torch.Tensor | None, resumed: bool):
     """-> (cache (N, 2) or None, ref_fn(micro, batch) -> reference summed log-probs (2B,) [chosen, rejected]).
@@ -280,22 +232,29 @@ def train(c: DPOConfig) -> list[float]:
     from tqdm.auto import tqdm
 
     from common.guard import check_finite
-    from common.loop import (begin_run, full_weights, mini_batch_rows, rank_micro_batches, restore_run_state,
-                             save_run_checkpoint, steps_per_epoch)
-    from common.metrics import MetricsLogger, plot_metrics
+    from common.loop import (batch_words, begin_run, check_warmup, full_weights, mini_batch_rows,
+                             rank_micro_batches, restore_run_state, steps_per_epoch)
+    from common.metrics import plot_metrics
     from common.optim import build_adamw, warmup_cosine
+    from common.preflight import check_vocab
 
-    # 1. accelerator, seed, resume point
-    acc, out, W, rank, ckpt_root, resume_dir = begin_run(c)
+    # 0. checks that need no model (paths, data files): seconds
+    check_start(c)
+
+    # 1. accelerator, run folder (lock, run id, config check, resume point), seed
+    acc, run = begin_run(c, "dpo")
+    out, W, rank, resume_dir = run.out, acc.num_processes, acc.process_index, run.resume_dir
 
     # 2. tokenizer and pairs (every rank builds the same list; the batch plan picks each rank's share)
     tokenizer = load_tokenizer(c.tokenizer)
+    check_vocab(tokenizer, c.model_path or c.init_config, "model_path" if c.model_path else "init_config",
+                c.tokenizer)  # from config.json, before the model loads
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     pairs, report = build_pairs(c, tokenizer)
     mini = c.micro_batch_size_per_rank * c.grad_accum_steps * W
-    total = c.max_steps or c.num_epochs * steps_per_epoch(len(pairs), mini, source=", ".join(c.train_files))
-    if c.warmup_steps >= total:
-        raise ConfigError(f"warmup_steps ({c.warmup_steps}) must be < the {total} optimizer steps of this run")
+    spe = steps_per_epoch(len(pairs), mini, source=", ".join(c.train_files), batch=batch_words(c, W))
+    total = c.max_steps or c.num_epochs * spe
+    check_warmup(c.warmup_steps, total)
 
     # 3. policy, optimizer, schedule
     lm = build_model(c, resume_dir)
@@ -319,17 +278,16 @@ def train(c: DPOConfig) -> list[float]:
     cache, ref_fn = setup_reference(c, acc, policy, pairs, pad_id, state.get("ref_logps"), start > 0)
 
     if acc.is_main_process:
-        save_config(c, out / "config.yaml")
         print(f"[dpo] {report}\n[dpo] {len(pairs)} pairs, mini batch {mini}, steps {start}->{total}, ranks {W}, "
               f"loss {c.loss_type} beta {c.beta}, reference {c.reference}{' (LoRA: adapter disabled)' * is_lora}, "
               f"precision {acc.mixed_precision}, resume from {resume_dir}", flush=True)
-    log = MetricsLogger(out, enabled=acc.is_main_process, resume_step=start if resume_dir else None)
+    log = run.metrics()  # resuming: cut back to the rows logged before the checkpoint
     stop = min(total, c.stop_at_step or total)
-    losses, last_ckpt = [], resume_dir
+    losses = []
 
     def checkpoint(step):
-        return save_run_checkpoint(acc, ckpt_root, step, lambda d: save_model(policy.lm, d, tokenizer), optimizer,
-                                   scheduler, {"step": step, "n_pairs": len(pairs), "ref_logps": cache}, c.keep_last)
+        return run.save(acc, step, lambda d: save_model(policy.lm, d, tokenizer), optimizer, scheduler,
+                        {"step": step, "n_pairs": len(pairs), "ref_logps": cache}, c.keep_last)
 
     # 6. train
     bar = tqdm(total=total, initial=start, desc="dpo", disable=not acc.is_main_process, dynamic_ncols=True)
@@ -349,11 +307,12 @@ def train(c: DPOConfig) -> list[float]:
         loss = dpo_loss + c.sft_coef * nll
 
         # 7. NaN guard, clip, step, log, checkpoint
-        check_finite(step + 1, {"loss": loss}, last_ckpt)
+        check_finite(step + 1, {"loss": loss}, run.last_ckpt)
         grad_norm = acc.clip_grad_norm_(model.parameters(), c.grad_clip if c.grad_clip > 0 else math.inf)
-        check_finite(step + 1, {"grad_norm": grad_norm}, last_ckpt)
+        check_finite(step + 1, {"grad_norm": grad_norm}, run.last_ckpt)
         lr = scheduler.get_last_lr()[0]
         optimizer.step(), scheduler.step(), optimizer.zero_grad(set_to_none=True)
+        run.check_weights(acc, step + 1, optimizer)
         losses.append(loss)
         if (step + 1) % c.log_every == 0 or step + 1 == stop:
             log.log(step + 1, {"loss": loss, "dpo_loss": dpo_loss, "chosen_nll": nll, "accuracy": acc_val,
@@ -362,23 +321,25 @@ def train(c: DPOConfig) -> list[float]:
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc_val:.2f}", margin=f"{margin:.3f}")
         if (c.save_every and (step + 1) % c.save_every == 0) or step + 1 == stop:
-            last_ckpt = checkpoint(step + 1) or last_ckpt
+            checkpoint(step + 1)
     bar.close()
 
     # 8. final HF model (LoRA merged) and the curves
     if stop == total:
         with full_weights(acc):  # ZeRO-3: every rank gathers the weights, the main process writes them
             if acc.is_main_process:
-                save_model(policy.lm, out / "final", tokenizer, merge=True)
-                plot_metrics(out / "metrics.jsonl", out / "curves.png", ["loss", "accuracy", "margin"], title="DPO")
+                with run.writing("the final model"):
+                    save_model(policy.lm, out / "final", tokenizer, merge=True)
+                    plot_metrics(out / "metrics.jsonl", out / "curves.png", ["loss", "accuracy", "margin"],
+                                 title="DPO")
                 print(f"[dpo] done: final model in {out / 'final'}, curves in {out / 'curves.png'}", flush=True)
     log.close()
-    acc.wait_for_everyone()
+    run.end(acc, finished=stop == total)  # waits for every rank; marks the run finished, frees the folder
     return losses
 
 
 def main(argv: list[str] | None = None) -> None:
-    train(parse_config(DPOConfig, argv))
+    run_main(DPOConfig, train, argv)
 
 
 if __name__ == "__main__":

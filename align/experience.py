@@ -9,8 +9,10 @@ from __future__ import annotations
 import torch
 
 
-def reward_sequences(prompt_ids, response_ids, messages, tok, rtok, same_tokenizer: bool) -> list[list[int]]:
-    """prompt + response + <|reward|> in the reward model's ids (re-rendered from decoded text if tokenizers differ)."""
+def reward_sequences(prompt_ids, response_ids, messages, tok, rtok, same_tokenizer: bool,
+                     tools: list | None = None) -> list[list[int]]:
+    """prompt + response + <|reward|> in the reward model's ids (re-rendered from decoded text if tokenizers differ;
+    `tools` (N,) each row's tool list or None, rendered into the system turn as the prompt was)."""
     from data.chatml import REWARD_TOKEN, special_id, tokenize_chat
 
     rid = special_id(rtok, REWARD_TOKEN)  # a tokenizer without it: clear error naming the token
@@ -21,8 +23,8 @@ def reward_sequences(prompt_ids, response_ids, messages, tok, rtok, same_tokeniz
     if same_tokenizer:
         return [p + r + [rid] for p, r in zip(prompt_ids, response_ids)]
     out = []
-    for msgs, r in zip(messages, response_ids):
-        p = tokenize_chat(rtok, msgs, mask="none", add_generation_prompt=True).input_ids
+    for msgs, r, t in zip(messages, response_ids, tools or [None] * len(messages)):
+        p = tokenize_chat(rtok, msgs, mask="none", add_generation_prompt=True, tools=t).input_ids
         out.append(p + rtok(tok.decode(r), add_special_tokens=False)["input_ids"] + [rid])
     return out
 

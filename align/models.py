@@ -56,18 +56,17 @@ def build_model(c, resume_dir: Path | None):
 
 def save_model(model, path: Path, tokenizer, merge: bool = False) -> None:
     """HF folder: custom model via model.checkpoint, transformers via save_pretrained, LoRA as an adapter
-    (or merged into the base weights for the final export when merge=True)."""
+    (or merged into the base weights for the final export when merge=True). Written to a temporary folder that is
+    renamed into place, so a crash never leaves a half-written folder under `path`."""
+    from common.atomic import atomic_dir
     from model.checkpoint import save_causal_lm
     from model.qwen import QwenForCausalLM
 
-    if hasattr(model, "peft_config"):
-        if not merge:
-            model.save_pretrained(str(path))
-            tokenizer.save_pretrained(str(path))
-            return
+    if hasattr(model, "peft_config") and merge:
         model = model.merge_and_unload()
     if isinstance(model, QwenForCausalLM):
         save_causal_lm(model, path, tokenizer)
-    else:
-        model.save_pretrained(str(path), safe_serialization=True)
-        tokenizer.save_pretrained(str(path))
+        return
+    with atomic_dir(path) as tmp:  # transformers / peft write in place
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))

@@ -1,9 +1,13 @@
 """The whole recipe on the embedded demo, each stage a normal entry point run as its own process:
 
     base model (pretraining from random init) -> SFT -> reward PMP -> reward finetune -> reward benchmark
-    -> PPO with vLLM rollouts (with and without PPO-ptx) -> DPO -> evaluation on held-out prompts
+    -> PPO (with and without PPO-ptx) -> DPO -> KTO on thumbs-only ratings -> GRPO with the demo's rule as a
+    verifiable reward -> evaluation on held-out prompts
 
-    python -m align.pipeline [--out runs/demo] [--fresh] [--engine vllm|builtin]   (make demo runs this)
+    python -m align.pipeline [--out runs/demo] [--fresh] [--engine builtin|vllm]   (make demo runs this)
+
+The RL stages use the built-in rollout engine by default: on a CPU at the demo's model size it samples faster than
+vLLM and starts at once (vLLM's CPU start-up is about 12 s per run); `--engine vllm` runs PPO and GRPO on vLLM.
 
 A stage whose final checkpoint exists is skipped, so an interrupted pipeline continues where it stopped; --fresh
 starts over. Prints the commands it runs (copy one to rerun a stage alone) and ends with one table, saved beside
@@ -21,6 +25,9 @@ import sys
 import time
 from pathlib import Path
 
+from common.config import ArgumentParser, user_errors
+from common.preflight import check_output_dir
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -30,6 +37,8 @@ def stages(out: Path, engine: str) -> list[tuple[str, list[str], Path]]:
     base, sft, pmp, rm = out / "base", out / "sft", out / "rm_pmp", out / "rm"
     ppo = ["align/ppo.py", "--config", "configs/ppo.yaml", "--policy_path", f"{sft}/final",
            "--reward_path", f"{rm}/final", "--engine", engine]
+    policies = [f"SFT={sft}/final", f"PPO={out}/ppo/final", f"PPO without ptx={out}/ppo_noptx/final",
+                f"DPO={out}/dpo/final", f"KTO={out}/kto/final", f"GRPO={out}/grpo/final"]
     return [
         ("base model", py + ["align/sft.py", "--config", "configs/pretrain.yaml", "--output_dir", str(base)],
          base / "final"),
@@ -48,10 +57,15 @@ def stages(out: Path, engine: str) -> list[tuple[str, list[str], Path]]:
          out / "ppo_noptx" / "final"),
         ("dpo", py + ["align/dpo.py", "--config", "configs/dpo.yaml", "--init_config", "null", "--model_path",
                       f"{sft}/final", "--output_dir", str(out / "dpo")], out / "dpo" / "final"),
+        ("kto", py + ["align/kto.py", "--config", "configs/kto.yaml", "--model_path", f"{sft}/final",
+                      "--output_dir", str(out / "kto")], out / "kto" / "final"),
+        ("grpo", py + ["align/ppo.py", "--config", "configs/grpo.yaml", "--policy_path", f"{sft}/final",
+                       "--engine", engine, "--output_dir", str(out / "grpo")], out / "grpo" / "final"),
         ("evaluate", py + ["-m", "align.evaluate", "--reference", f"{sft}/final", "--reward", f"{rm}/final",
-                           "--policy", f"SFT={sft}/final", "--policy", f"PPO={out}/ppo/final",
-                           "--policy", f"PPO without ptx={out}/ppo_noptx/final", "--policy", f"DPO={out}/dpo/final",
-                           "--tokenizer", "demo", "--out", str(out / "eval")], out / "eval" / "eval.md"),
+                           *[x for p in policies for x in ("--policy", p)],
+                           "--prompts", "data/demo/prompts_heldout.jsonl",
+                           "--heldout", "data/demo/pretrain_heldout.jsonl", "--tokenizer", "demo",
+                           "--out", str(out / "eval")], out / "eval" / "eval.md"),
     ]
 
 
@@ -99,25 +113,29 @@ def plot_summary(out: Path) -> None:
 
     ev = json.loads((out / "eval" / "eval.json").read_text())["policies"]
     names = list(ev)
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
     for ax, key, title in zip(axes, ["true_reward", "kl", "alignment_tax"],
                               ["true reward (held-out)", "KL from SFT (nats/reply)", "alignment tax (LM loss rise)"]):
-        bars = ax.bar(names, [ev[n][key] for n in names], color=["grey", "tab:blue", "tab:cyan", "tab:orange"])
+        bars = ax.bar(names, [ev[n][key] for n in names],
+                      color=["grey", "tab:blue", "tab:cyan", "tab:orange", "tab:green", "tab:purple"][:len(names)])
         ax.bar_label(bars, fmt="%.3f", fontsize=7)
         ax.set_title(title, fontsize=9)
-        ax.tick_params(axis="x", labelsize=7, rotation=15)
+        ax.tick_params(axis="x", labelsize=7, rotation=30)
     fig.tight_layout()
     fig.savefig(out / "summary.png", dpi=100)
     plt.close(fig)
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(prog="python -m align.pipeline", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/demo", help="folder for every stage's output")
     ap.add_argument("--fresh", action="store_true", help="delete --out first and run every stage")
-    ap.add_argument("--engine", default="vllm", choices=["vllm", "builtin"], help="PPO rollout engine")
+    ap.add_argument("--engine", default="builtin", choices=["builtin", "vllm"], help="PPO and GRPO rollout engine")
     args = ap.parse_args(argv)
     out = (ROOT / args.out).resolve()
+    with user_errors():
+        check_output_dir(out, "--out")
     if args.fresh and out.exists():
         shutil.rmtree(out)
     (out / "logs").mkdir(parents=True, exist_ok=True)

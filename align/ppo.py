@@ -1,19 +1,28 @@
 """PPO (Qwen report sec. 3.2.2): policy from SFT, frozen reference, frozen reward model, value model initialised
 from the reward model; per-token KL penalty, clipped policy and value losses, GAE, PPO-ptx. With --lora_r the policy
 trains a LoRA adapter and the reference is the same model with the adapter disabled (one copy of the weights).
+The same loop runs the critic-free estimators (`--advantage grpo | rloo | reinforce_pp`: no value model, no warmup;
+align/rl.py) with reward functions (`--reward_funcs module:function`) beside or instead of the reward model.
 
-    accelerate launch align/ppo.py                     # embedded demo: runs/demo/sft/final + runs/demo/rm/final
-    accelerate launch align/ppo.py --config configs/ppo.yaml [--field value ...]
+    accelerate launch align/ppo.py --config configs/ppo.yaml [--field value ...]     # the demo (make demo first)
+    accelerate launch align/ppo.py --config configs/grpo.yaml   # GRPO with the demo's rule as a verifiable reward
+    accelerate launch align/ppo.py --policy_path SFT_FOLDER --reward_path RM_FOLDER --prompt_files prompts.jsonl \
+        [--pretrain_files text.jsonl] [--heldout_files heldout.jsonl]                 # your own models and data
+No data file defaults to the demo's: without pretrain_files the run has no PPO-ptx term (it says so), without
+heldout_files it measures no alignment tax (it says so).
 
 One PPO step (iteration), in numbered phases:
   1. rollout: the engine samples n responses per prompt (top-p 0.9); after each policy update the engine gets the
      new weights (sync time logged)
-  2. score: reward model on prompt + response + <|reward|>; the demo's true reward where the data has one
+  2. score: reward model on prompt + response + <|reward|> and/or reward functions, weighted; the demo's true
+     reward where the data has one
   3. log-probs of the policy (old) and the reference recomputed by the TRAINING models on the sampled tokens with
-     the sampler's temperature (the engine's own log-probs are only compared: PITFALLS 7); values
-  4. KL-shaped rewards (score normalised by a running mean), GAE, advantage whitening
-  5. PPO epochs over mini batches: policy loss + value loss (+ ptx coef x LM loss on pretraining text); during the
-     first value_warmup_steps steps only the value model is updated
+     the sampler's temperature (the engine's own log-probs are only compared: docs/PITFALLS.md#sampler-log-probs);
+     values
+  4. KL-shaped rewards (score normalised by a running mean), GAE, advantage whitening; critic-free: group
+     (grpo, rloo) or batch (reinforce_pp) normalised advantages, the KL in the reward or as a k3 loss term
+  5. PPO epochs over mini batches: policy loss + value loss (+ k3 KL loss) (+ ptx coef x LM loss on pretraining
+     text); with gae, during the first value_warmup_steps steps only the value model is updated
   6. log (JSONL, TensorBoard, PNG), alignment tax (LM loss on held-out pretraining text), NaN guard, checkpoint
 """
 
@@ -28,12 +37,16 @@ from typing import Optional
 
 import torch
 
-from align.ppo_losses import (AdaptiveKLController, FixedKLController, RunningMeanStd, gae, kl_penalty,
-                              ppo_policy_loss, shape_rewards, token_mean, value_loss, whiten)
-from align.experience import (gather_rows, heldout_loss, label_count, lm_loss, response_logprobs, reward_sequences,
-                              rollout_tensors, stop_ids)
+from align.ppo_losses import (AdaptiveKLController, FixedKLController, RunningMeanStd, kl_loss, kl_penalty,
+                              ppo_policy_loss, token_mean, value_loss)
+from align.experience import (gather_rows, heldout_loss, label_count, lm_loss, response_logprobs, rollout_tensors,
+                              stop_ids)
 from align.models import LORA_TARGETS, save_model, with_lora
-from common.config import ConfigError, cfg, parse_config, save_config
+from align.rl import (CRITIC_FREE, OptimizerPair, advantages, check_estimator,
+                      check_policy_context, describe_score, load_reward_func, loss_reduction, reduction,
+                      response_values, reward_model_scores, total_score)
+from common.config import ConfigError, cfg
+from common.run import RUN_CONTROL, run_main
 
 DEMO_DIR = Path(__file__).resolve().parents[1] / "data" / "demo"
 
@@ -41,9 +54,11 @@ DEMO_DIR = Path(__file__).resolve().parents[1] / "data" / "demo"
 @dataclass
 class PPOConfig:
     # --- models (four: policy, reference = frozen policy copy, reward, value) ---
-    policy_path: str = cfg("runs/demo/sft/final", "SFT model folder (Qwen2ForCausalLM): the policy and the frozen reference")
-    reward_path: str = cfg("runs/demo/rm/final", "reward-model folder (reward/train.py), read at <|reward|>")
-    value_path: Optional[str] = cfg(None, "value-model init; None = the reward model (sec. 3.2.2)")
+    policy_path: str = cfg("", "SFT model folder (Qwen2ForCausalLM): the policy and the frozen reference",
+                           required=True)
+    reward_path: Optional[str] = cfg(None, "reward-model folder (reward/train.py), read at <|reward|>; None: "
+                                           "reward_funcs only (one of the two is needed)")
+    value_path: Optional[str] = cfg(None, "value-model init (advantage gae only); None = the reward model (sec. 3.2.2)")
     lora_r: int = cfg(0, "LoRA rank of the policy; 0 = full finetuning. With LoRA the reference is the policy with its "
                          "adapter disabled (no second copy of the weights); no LoRA dropout, so the sampled and the "
                          "trained log-probs come from the same function")
@@ -51,19 +66,22 @@ class PPOConfig:
     lora_target_modules: list[str] = cfg(LORA_TARGETS, "module names that get LoRA adapters")
     tokenizer: Optional[str] = cfg(None, "policy tokenizer: None = the one saved in policy_path, else 'qwen2'/'small'/folder")
     reward_tokenizer: Optional[str] = cfg(None, "reward tokenizer: None = the one saved in reward_path, else as above")
-    tokenizer_mismatch: str = cfg("refuse", "policy and reward tokenizers differ: 'refuse' or 'retokenize' the decoded text (PITFALLS 6)")
+    tokenizer_mismatch: str = cfg("refuse", "policy and reward tokenizers differ: 'refuse' or 'retokenize' the decoded "
+                                            "text (docs/PITFALLS.md#tokenizer-mismatch)")
     # --- data ---
-    prompt_files: list[str] = cfg([str(DEMO_DIR / "prompts_train.jsonl")], "prompt-only files ({'prompt': [msgs]})")
+    prompt_files: list[str] = cfg([], "prompt-only files ({'prompt': [msgs]})", required=True)
     max_prompt_len: int = cfg(256, "prompts longer than this (tokens) are dropped")
     true_reward: Optional[bool] = cfg(None, "log data.demo.true_reward of each response; None = only if every prompt file is in data/demo")
-    pretrain_files: list[str] = cfg([str(DEMO_DIR / "pretrain.jsonl")], "pretraining text ({'text'}) for the PPO-ptx LM loss")
-    heldout_files: list[str] = cfg([str(DEMO_DIR / "pretrain_heldout.jsonl")], "held-out pretraining text: the alignment tax")
+    pretrain_files: list[str] = cfg([], "pretraining text ({'text'}) for the PPO-ptx LM loss; none = no ptx term "
+                                        "(the run says so)")
+    heldout_files: list[str] = cfg([], "held-out pretraining text: the alignment tax; none = not measured (the run "
+                                       "says so)")
     ptx_seq_len: int = cfg(256, "tokens per packed pretraining row")
     heldout_rows: int = cfg(32, "held-out rows (of ptx_seq_len tokens) scored for the alignment tax")
     # --- rollout ---
     engine: str = cfg("builtin", "'builtin' (KV-cache engine on the custom model) or 'vllm'")
     verify_sync_every: int = cfg(10, "after every k-th weight sync, check the engine's greedy tokens and log-probs "
-                                     "equal the policy's on 4 prompts (PITFALLS 1); 0 = never")
+                                     "equal the policy's on 4 prompts (docs/PITFALLS.md#weight-sync); 0 = never")
     rollout_batch_prompts: int = cfg(16, "prompts per PPO step; responses = prompts x samples_per_prompt")
     samples_per_prompt: int = cfg(2, "responses sampled per prompt (sec. 3.2.2: two)")
     temperature: float = cfg(1.0, "sampling temperature; the training log-probs divide by the same value")
@@ -87,8 +105,8 @@ class PPOConfig:
     value_clip: float = cfg(0.15, "value clip around the rollout-time values (sec. 3.2.2: 0.15)")
     gamma: float = cfg(1.0, "GAE discount")
     lam: float = cfg(0.95, "GAE lambda")
-    whiten_advantages: bool = cfg(True, "whiten advantages over the rollout batch (PITFALLS 8)")
-    ptx_coef: float = cfg(0.1, "PPO-ptx: weight of the LM loss on pretraining text; 0 = off")
+    whiten_advantages: bool = cfg(True, "whiten advantages over the rollout batch (docs/PITFALLS.md#ppo-stability)")
+    ptx_coef: float = cfg(0.1, "PPO-ptx: weight of the LM loss on pretraining text; 0 or no pretrain_files = off")
     ptx_rows: int = cfg(4, "pretraining rows per policy optimizer step")
     # --- optimisation ---
     policy_lr: float = cfg(1e-6, "policy learning rate (sec. 3.2.2: 1e-6)")
@@ -104,9 +122,31 @@ class PPOConfig:
     tax_every: int = cfg(10, "measure the alignment tax every this many steps (also before and after)")
     save_every: int = cfg(0, "checkpoint every this many steps; 0 = only at the end")
     keep_last: int = cfg(1, "complete checkpoints kept")
-    resume: bool = cfg(True, "continue from the latest checkpoint in output_dir if there is one")
+    resume: bool = cfg(True, "continue the run in output_dir from its latest checkpoint (the config must match); "
+                             "false: start a new run (refused if output_dir holds one)")
+    overwrite_output_dir: bool = cfg(False, "with resume false: delete the run already in output_dir first")
     stop_at_step: Optional[int] = cfg(None, "checkpoint and stop after this step (time-limited jobs)")
     seed: int = cfg(0, "seed for prompt order, sampling and mini-batch order")
+    # --- advantage estimator and rewards (align/rl.py); critic-free modes load no value model and have no warmup ---
+    advantage: str = cfg("gae", "'gae': PPO with a value model (value_path, value_warmup_steps, value_lr, lam, "
+                                "whiten_advantages); critic-free, the group = samples_per_prompt: 'grpo' (score minus "
+                                "the group mean, over the group std), 'rloo' (minus the mean of the other replies), "
+                                "'reinforce_pp' (REINFORCE++: KL-shaped returns normalised over the whole batch)")
+    dr_grpo: bool = cfg(False, "grpo: Dr. GRPO (Liu et al. 2025): no division by the group std and no per-length "
+                               "normalisation (loss_reduction sequence_mean_token_sum)")
+    kl_in: str = cfg("reward", "the KL to the reference: 'reward' (kl_coef x per-token kl_estimator penalty, as PPO) "
+                               "or 'loss' (kl_coef x k3 loss term beside the policy loss, as GRPO)")
+    loss_reduction: Optional[str] = cfg(None, "policy and KL loss aggregation over a mini batch: 'token_mean', "
+                                              "'sequence_mean' (mean of each reply's token mean) or "
+                                              "'sequence_mean_token_sum' (token sum / (replies x max_new_tokens)); "
+                                              "None = token_mean (sequence_mean_token_sum with dr_grpo)")
+    reward_funcs: list[str] = cfg([], "reward functions 'module:function' (or file.py:function), each f(messages, "
+                                      "reply_text) -> float, beside or instead of the reward model")
+    reward_func_weights: list[float] = cfg([], "one weight per reward function; [] = 1.0 each")
+    reward_model_weight: float = cfg(1.0, "weight of the reward model's score in the total score")
+
+    # fields that may change when a run is resumed (when to save, stop or measure the alignment tax)
+    RESUME_MAY_CHANGE = RUN_CONTROL + ("tax_every",)
 
     def validate(self):
         choices = {"engine": ("builtin", "vllm"), "kl_estimator": ("k1", "k3"),
@@ -136,28 +176,64 @@ class PPOConfig:
             raise ConfigError("policy_lr, value_lr, clip and value_clip must be > 0")
         if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
             raise ConfigError(f"gamma and lam must be in [0, 1], got {self.gamma}, {self.lam}")
-        if not self.prompt_files:
-            raise ConfigError("prompt_files is empty: give at least one prompt file")
-        if self.ptx_coef > 0 and not self.pretrain_files:
-            raise ConfigError("ptx_coef > 0 needs pretrain_files (or set ptx_coef 0)")
+        check_estimator(self)
+
+    @property
+    def ptx_on(self) -> bool:
+        """PPO-ptx needs a coefficient and pretraining text; without pretrain_files it is off (said at start)."""
+        return self.ptx_coef > 0 and bool(self.pretrain_files)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Pieces used by the loop.
 
-def check_inputs(c: PPOConfig) -> None:
-    """Say which command makes a missing model folder, instead of a bare FileNotFoundError."""
-    makers = {"policy_path": "accelerate launch align/sft.py --config configs/sft.yaml",
-              "reward_path": "accelerate launch reward/train.py --config configs/reward_pmp.yaml, then "
-                             "--config configs/reward_ft.yaml"}
-    for name, cmd in makers.items():
-        path = Path(getattr(c, name))
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{name} {path}: no model folder there. Create it with `{cmd}` (or run the "
-                                    f"whole demo pipeline with `make demo`), or pass --{name} DIR")
-    for f in c.prompt_files + c.pretrain_files + c.heldout_files:
-        if not Path(f).is_file():
-            raise FileNotFoundError(f"data file {f} does not exist")
+def check_start(c: PPOConfig) -> None:
+    """Phase 0, before the accelerator and any model: output_dir, the model folders (the reward and value folders
+    must hold a trained score head), every data file (read and validated once; load_data takes the result), and
+    for engine vllm the policy's shape (refused before vLLM is imported). A mistake here fails in seconds."""
+    from common.preflight import check_model_folder, check_output_dir
+    from data.datasets import check_records
+    from model.heads import check_scalar_head_folder
+
+    check_output_dir(c.output_dir)
+    check_model_folder(c.policy_path, "policy_path", made_by="accelerate launch align/sft.py --config "
+                                                             "configs/sft.yaml (the demo: make demo)")
+    if c.reward_path is not None:
+        check_model_folder(c.reward_path, "reward_path", made_by="accelerate launch reward/train.py --config "
+                                                                 "configs/reward_pmp.yaml, then configs/reward_ft.yaml")
+        check_scalar_head_folder(c.reward_path, "reward_path")
+    if c.value_path is not None:
+        check_model_folder(c.value_path, "value_path")
+        check_scalar_head_folder(c.value_path, "value_path")
+    for files, kind in ((c.prompt_files, "prompt"), (c.pretrain_files if c.ptx_on else [], "text"),
+                        (c.heldout_files, "text")):
+        for f in files:
+            check_records(f, kind=kind)
+    check_policy_context(c.policy_path, c.max_prompt_len + c.max_new_tokens)
+    if c.engine == "vllm":
+        from model.checkpoint import read_config
+        from rollout.vllm_engine import CPU_HEAD_SIZES, refuse_unsupported
+
+        try:
+            refuse_unsupported(read_config(c.policy_path), f"policy_path {c.policy_path}",
+                               None if torch.cuda.is_available() else CPU_HEAD_SIZES)
+        except ValueError as e:  # UnsupportedConfig, or a config the custom model cannot read
+            raise ConfigError(f"--engine vllm: {e}".replace("make_engine('builtin', model=policy)",
+                                                             "--engine builtin")) from None
+
+
+def start_notes(c: PPOConfig, n_ptx: int, n_heldout: int) -> list[str]:
+    """What this run will not do, said at start: no ptx term, no alignment tax, a policy that never trains."""
+    notes = []
+    if c.ptx_coef > 0 and not c.pretrain_files:
+        notes.append("no pretraining text (pretrain_files): PPO-ptx off")
+    if not n_heldout:
+        notes.append("no held-out text (heldout_files): no alignment tax is measured")
+    if c.advantage == "gae" and c.max_steps <= c.value_warmup_steps:
+        notes.append(f"warning: max_steps ({c.max_steps}) <= value_warmup_steps ({c.value_warmup_steps}): every "
+                     f"step trains only the value model, so the policy will not train and final/ will equal "
+                     f"policy_path; lower value_warmup_steps or raise max_steps")
+    return notes
 
 
 def folder_tokenizer(name: str | None, folder: str):
@@ -171,7 +247,8 @@ def folder_tokenizer(name: str | None, folder: str):
 
 
 def tokenizers_match(c: PPOConfig, tok, rtok) -> bool:
-    """PITFALLS 6: a reward model reading the policy's ids with another vocabulary scores garbage."""
+    """A reward model reading the policy's ids with another vocabulary scores garbage
+    (docs/PITFALLS.md#tokenizer-mismatch)."""
     from data.tokenizer import tokenizer_fingerprint
 
     same = tokenizer_fingerprint(tok) == tokenizer_fingerprint(rtok)
@@ -190,25 +267,6 @@ def reference_logprobs(run, batch: dict) -> torch.Tensor:
         return response_logprobs(run.policy, batch, run.c.temperature, run.c.chunk_size)
 
 
-def response_values(value_model, batch: dict) -> torch.Tensor:
-    """V(state before response token r) (N, R) from the value model's per-position head."""
-    return value_model(batch["input_ids"], attention_mask=batch["attention_mask"]).gather(1, batch["pos"]) \
-        * batch["mask"]
-
-
-class OptimizerPair:
-    """Policy and value optimizers saved and restored as one checkpoint entry."""
-
-    def __init__(self, policy, value):
-        self.policy, self.value = policy, value
-
-    def state_dict(self):
-        return {"policy": self.policy.state_dict(), "value": self.value.state_dict()}
-
-    def load_state_dict(self, state):
-        self.policy.load_state_dict(state["policy"]), self.value.load_state_dict(state["value"])
-
-
 def load_data(c: PPOConfig, tok):
     from data.datasets import build_prompt_examples, build_text_examples, load_records
 
@@ -219,15 +277,19 @@ def load_data(c: PPOConfig, tok):
         reports.append(f"{f}: {report.summary()}")
     text = lambda files: [r for f in files for r in build_text_examples(  # noqa: E731
         load_records(f, kind="text")[0], tok, c.ptx_seq_len)]
-    ptx = text(c.pretrain_files) if c.ptx_coef > 0 else []
+    ptx = text(c.pretrain_files) if c.ptx_on else []
     heldout = text(c.heldout_files)[:c.heldout_rows] if c.heldout_files else []
+    if c.ptx_on and len(ptx) < c.ptx_rows:
+        raise ConfigError(f"{', '.join(c.pretrain_files)}: {len(ptx)} rows of {c.ptx_seq_len} tokens, fewer than "
+                          f"ptx_rows ({c.ptx_rows}) per step: lower ptx_rows or ptx_seq_len, or add text")
     return prompts, ptx, heldout, "\n".join(reports)
 
 
 def load_models(c: PPOConfig, resume_dir: Path | None, device):
     """policy (trainable), reference (frozen copy of SFT; None with LoRA: the policy with its adapter disabled),
-    reward (frozen), value (trainable, from the RM). The policy is the custom model (Qwen2/Qwen3); the reward and
-    value models are the custom scalar head on a Qwen2/Qwen3 folder, transformers' (model_impl hf) on any other."""
+    reward (frozen; None without reward_path), value (trainable, from the RM; None for critic-free advantages). The
+    policy is the custom model (Qwen2/Qwen3); the reward and value models are the custom scalar head on a
+    Qwen2/Qwen3 folder, transformers' (model_impl hf) on any other."""
     from model.checkpoint import load_causal_lm
     from model.heads import load_scalar_head
 
@@ -238,7 +300,9 @@ def load_models(c: PPOConfig, resume_dir: Path | None, device):
     else:
         policy = load_causal_lm(str(resume_dir / "model") if resume_dir else c.policy_path).to(device).train()
         ref = load_causal_lm(c.policy_path).to(device).eval().requires_grad_(False)
-    reward = load_scalar_head(c.reward_path).to(device).eval().requires_grad_(False)
+    reward = None if c.reward_path is None else load_scalar_head(c.reward_path).to(device).eval().requires_grad_(False)
+    if c.advantage in CRITIC_FREE:
+        return policy, ref, reward, None
     value_dir = resume_dir / "value" if resume_dir else (c.value_path or c.reward_path)
     value = load_scalar_head(str(value_dir)).to(device).train()
     return policy, ref, reward, value
@@ -267,8 +331,8 @@ class Run:
     acc: object
     policy: torch.nn.Module
     ref: torch.nn.Module | None  # None with LoRA: the policy with its adapter disabled
-    reward: torch.nn.Module
-    value: torch.nn.Module
+    reward: torch.nn.Module | None  # None: reward functions only
+    value: torch.nn.Module | None  # None: a critic-free advantage
     opt: OptimizerPair
     engine: object
     tok: object
@@ -286,6 +350,8 @@ class Run:
     true_reward: bool
     tax_start: float | None = None
     value_emb_grad: object = None  # common.optim.SparseEmbeddingGrad of the value model (None: dense gradient)
+    folder: object = None  # common.run.RunDir: the output folder's run (lock, checkpoints, metrics)
+    reward_funcs: list = None  # [(name, callable)] from reward_funcs
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -314,82 +380,90 @@ def make_experience(run: Run, step: int) -> tuple[dict, dict]:
     if any(len(r) == 0 for r in ro.response_ids):
         raise RuntimeError("the engine returned an empty response; max_new_tokens must be >= 1")
 
-    # 2. score: reward model at <|reward|> (raw score); the demo's checkable true reward where there is one
-    from reward.model import pad_sequences, score
-
+    # 2. score: reward model at <|reward|> (raw score) and/or reward functions, weighted; the demo's true reward
     t0 = time.perf_counter()
     n = len(ro.response_ids)
     b = {k: v.to(dev) for k, v in rollout_tensors(ro.prompt_ids, ro.response_ids, run.pad_id).items()}
     with torch.no_grad(), run.acc.autocast():
-        seqs = reward_sequences(ro.prompt_ids, ro.response_ids, messages, run.tok, run.rtok, run.same_tokenizer)
-        scores = []
-        for s in range(0, n, c.micro_batch_size):
-            ids, att = pad_sequences(seqs[s:s + c.micro_batch_size], run.reward_pad_id)  # (n, T')
-            scores.append(score(run.reward, ids.to(dev), att.to(dev), run.reward_id))
-        rm_score = torch.cat(scores).float()  # (n,)
+        score = reward_model_scores(run, ro, messages, [run.prompts[mine[i]].get("tools") for i in ro.prompt_index])
         # 3. old / reference log-probs and values from the training models on the sampled tokens
         parts = []
         for s in range(0, n, c.micro_batch_size):
             mb = {k: v[s:s + c.micro_batch_size] for k, v in b.items()}
             old, ent = response_logprobs(run.policy, mb, c.temperature, c.chunk_size, entropy=True)
-            parts.append((old, ent, reference_logprobs(run, mb), response_values(run.value, mb)))
+            values = response_values(run.value, mb) if run.value is not None else torch.zeros_like(old)
+            parts.append((old, ent, reference_logprobs(run, mb), values))
         old_logp, entropy, ref_logp, values = (torch.cat(x).float().cpu() for x in zip(*parts))  # (n, R_rank)
+    replies = [run.tok.decode(r, skip_special_tokens=True) for r in ro.response_ids]
+    rm_score, (score, funcs) = score, total_score(c, run.reward_funcs, score, messages, replies,
+                                                  [mine[i] for i in ro.prompt_index])
     true = []
     if run.true_reward:
         from data.demo_reward import true_reward
 
-        true = [true_reward(msgs, run.tok.decode(r, skip_special_tokens=True))
-                for msgs, r in zip(messages, ro.response_ids)]
+        true = [true_reward(msgs, r) for msgs, r in zip(messages, replies)]
     t["time_score"] = time.perf_counter() - t0
 
     # every rank's rows (one process: its own), in the order one process would have produced them
     g = gather_rows(run.acc, dict(prompt_ids=ro.prompt_ids, response_ids=ro.response_ids, finish=ro.finish_reason,
                                   sampler_lp=ro.sampler_logprobs, true=true, rm_score=rm_score.cpu(),
-                                  old_logp=old_logp, entropy=entropy, ref_logp=ref_logp, values=values))
+                                  score=score.cpu(), old_logp=old_logp, entropy=entropy, ref_logp=ref_logp,
+                                  values=values, **{f"reward/{k}": v for k, v in funcs.items()}))
     N = len(g["response_ids"])
     b = {k: v.to(dev) for k, v in rollout_tensors(g["prompt_ids"], g["response_ids"], run.pad_id).items()}
     mask = b["mask"]  # (N, R)
     R = mask.shape[1]
-    rm_score, old_logp, entropy, ref_logp, values = (g[k].to(dev) for k in  # (N,), then (N, R) each
-                                                     ("rm_score", "old_logp", "entropy", "ref_logp", "values"))
+    rm_score, score, old_logp, entropy, ref_logp, values = (g[k].to(dev) for k in  # (N,) twice, then (N, R) each
+                                                            ("rm_score", "score", "old_logp", "entropy", "ref_logp",
+                                                             "values"))
 
-    # 4. KL-shaped rewards (score minus the running mean, sec. 3.2.2), GAE, whitened advantages
+    # 4. advantages (align.rl.advantages): the score minus its running mean (sec. 3.2.2), the KL in the reward or
+    # not, then GAE + whitening (gae), batch-normalised returns (reinforce_pp) or group baselines (grpo, rloo).
     # ended with <|im_end|> / <|endoftext|>; a sampled <|reward|> also stops a row, but counts as no EOS
     has_eos = torch.tensor([f == "stop" and r[-1] in run.stop_ids[:2] for f, r in
                             zip(g["finish"], g["response_ids"])], device=dev)  # (N,)
-    run.reward_stats.update(rm_score)
-    norm_score = run.reward_stats.normalise(rm_score, use_std=c.reward_norm_std)
+    run.reward_stats.update(score)
+    norm_score = run.reward_stats.normalise(score, use_std=c.reward_norm_std)
     kl = kl_penalty(old_logp, ref_logp, c.kl_estimator)  # (N, R)
-    rewards = shape_rewards(norm_score, kl, mask, run.kl_ctl.value, has_eos, c.eos_missing_penalty)
-    adv, returns = gae(rewards, values, mask, c.gamma, c.lam)
-    if c.whiten_advantages:
-        adv = whiten(adv, mask)
+    adv, returns = advantages(c, norm_score, kl, mask, run.kl_ctl.value, has_eos, values)
     gap = (old_logp - torch.tensor([x + [0.0] * (R - len(x)) for x in g["sampler_lp"]], device=dev)).abs() * mask
     seq_sum = lambda x: float((x * mask).sum(-1).mean())  # noqa: E731  mean over responses of a per-response sum
-    m = {"rm_score": float(rm_score.mean()), "score_normalised": float(norm_score.mean()),
+    m = {"score": float(score.mean()), "score_normalised": float(norm_score.mean()),
          "kl_k1": seq_sum(kl_penalty(old_logp, ref_logp, "k1")), "kl_k3": seq_sum(kl_penalty(old_logp, ref_logp, "k3")),
          "kl_coef": run.kl_ctl.value, "entropy": float(token_mean(entropy, mask)),
          "response_length": float(mask.sum(-1).mean()), "eos_rate": float(has_eos.float().mean()),
-         "returns_mean": float(token_mean(returns, mask)), "values_mean": float(token_mean(values, mask)),
          "logprob_gap_max": float(gap.max()), "logprob_gap_mean": float(gap.sum() / mask.sum()), **t}
+    m |= {k: sum(g[k]) / N for k in g if k.startswith("reward/")}  # each reward function's mean
+    if run.reward is not None:
+        m["rm_score"] = float(rm_score.mean())
+    if returns is not None:
+        m["returns_mean"] = float(token_mean(returns, mask))
+    if run.value is not None:
+        m["values_mean"] = float(token_mean(values, mask))
     if run.true_reward:
         m["true_reward"] = sum(g["true"]) / N
-    exp = dict(b, old_logp=old_logp, values=values, advantages=adv, returns=returns)
+    exp = dict(b, old_logp=old_logp, advantages=adv)
+    if run.value is not None:
+        exp |= {"values": values, "returns": returns}
+    if c.kl_in == "loss":
+        exp["ref_logp"] = ref_logp
     return exp, m
 
 
 def ppo_update(run: Run, exp: dict, step: int) -> dict:
-    """Phase 5: PPO epochs over shuffled mini batches; policy (+ ptx) only after the value warmup.
+    """Phase 5: PPO epochs over shuffled mini batches; policy (+ k3 KL loss) (+ ptx) only after the value warmup
+    (gae; critic-free advantages have no value model and no warmup).
 
     Every rank holds the whole experience and the same mini-batch order; rank r backpropagates rows r, r + W, ... of
-    each mini batch with losses divided by the mini batch's token count, and the gradients are summed over ranks,
-    so the step equals one process's."""
+    each mini batch with losses divided by the mini batch's token (or response) count, and the gradients are summed
+    over ranks, so the step equals one process's."""
     from common.guard import check_finite
     from common.loop import mini_batch_rows, sum_gradients, sum_over_ranks
 
     c, N = run.c, exp["mask"].shape[0]
     W, rank = run.acc.num_processes, run.acc.process_index
-    warmup = step < c.value_warmup_steps  # sec. 3.2.2: the value model learns first, the policy stays frozen
+    critic = run.value is not None
+    warmup = critic and step < c.value_warmup_steps  # sec. 3.2.2: the value model learns first, the policy frozen
     mini = N // c.num_mini_batches
     sums: dict[str, float] = {}
     n_updates = 0
@@ -398,28 +472,35 @@ def ppo_update(run: Run, exp: dict, step: int) -> dict:
         for k in range(c.num_mini_batches):
             rows = order[k * mini:(k + 1) * mini]
             n_tok = float(exp["mask"][rows].sum())  # token_mean over the whole MINI batch, not per micro batch
+            reduce, total = reduction(loss_reduction(c), len(rows), n_tok, c.max_new_tokens)
             mine = rows[rank::W]  # this rank's share of the mini batch
-            keys = ["value_loss", "value_clip_frac"] + ([] if warmup else ["policy_loss", "policy_clip_frac",
-                                                                             "approx_kl"])
+            keys = (["value_loss", "value_clip_frac"] if critic else []) + \
+                ([] if warmup else ["policy_loss", "policy_clip_frac", "approx_kl"]) + \
+                (["kl_loss"] if c.kl_in == "loss" and not warmup else [])
             stats = dict.fromkeys(keys, 0.0)
             for s in range(0, len(mine), c.micro_batch_size):
                 mb = {key: v[mine[s:s + c.micro_batch_size].to(v.device)] for key, v in exp.items()}
                 with run.acc.autocast():
-                    v_new = response_values(run.value, mb)  # (n, R)
-                    vl, vstats = value_loss(v_new.float(), mb["values"], mb["returns"], mb["mask"], c.value_clip,
-                                            total=n_tok)
-                    loss, add = vl, {"value_loss": vl.item(), **{k2: x.item() for k2, x in vstats.items()}}
+                    loss, add = 0.0, {}
+                    if critic:
+                        v_new = response_values(run.value, mb)  # (n, R)
+                        vl, vstats = value_loss(v_new.float(), mb["values"], mb["returns"], mb["mask"], c.value_clip,
+                                                total=n_tok)
+                        loss, add = vl, {"value_loss": vl.item(), **{k2: x.item() for k2, x in vstats.items()}}
                     if not warmup:
-                        logp = response_logprobs(run.policy, mb, c.temperature, c.chunk_size)  # (n, R)
-                        pl, pstats = ppo_policy_loss(logp.float(), mb["old_logp"], mb["advantages"], mb["mask"],
-                                                     c.clip, total=n_tok)
+                        logp = response_logprobs(run.policy, mb, c.temperature, c.chunk_size).float()  # (n, R)
+                        pl, pstats = ppo_policy_loss(logp, mb["old_logp"], mb["advantages"], mb["mask"], c.clip,
+                                                     reduce=reduce, total=total, n_tokens=n_tok)
                         loss = loss + pl
                         add |= {"policy_loss": pl.item(), **{k2: x.item() for k2, x in pstats.items()}}
-                check_finite(step + 1, {"loss": loss})
+                        if c.kl_in == "loss":  # GRPO: kl_coef x k3 to the reference, reduced like the policy loss
+                            kll = kl_loss(logp, mb["ref_logp"], mb["mask"], run.kl_ctl.value, reduce, total)
+                            loss, add["kl_loss"] = loss + kll, kll.item()
+                check_finite(step + 1, {"loss": loss}, run.folder.last_ckpt)
                 loss.backward()
                 for k2, x in add.items():
                     stats[k2] += x
-            if not warmup and c.ptx_coef > 0:  # PPO-ptx: coef x LM loss on a pretraining batch (InstructGPT)
+            if not warmup and c.ptx_on:  # PPO-ptx: coef x LM loss on a pretraining batch (InstructGPT)
                 ptx_step = (step * c.ppo_epochs + epoch) * c.num_mini_batches + k
                 rows_ptx = [run.ptx_rows[i] for i in mini_batch_rows(ptx_step, len(run.ptx_rows), c.ptx_rows, c.seed)]
                 stats["ptx_loss"] = lm_loss(run.policy, rows_ptx[rank::W], run.pad_id, c.chunk_size,
@@ -427,7 +508,8 @@ def ppo_update(run: Run, exp: dict, step: int) -> dict:
             stats = dict(zip(stats, sum_over_ranks(run.acc, list(stats.values()))))
             if run.value_emb_grad is not None:
                 run.value_emb_grad.densify()
-            sum_gradients(run.acc, run.value.parameters())
+            if critic:
+                sum_gradients(run.acc, run.value.parameters())
             if not warmup:
                 sum_gradients(run.acc, run.policy.parameters())
             stats |= optimizer_steps(run, warmup, step)
@@ -442,30 +524,36 @@ def optimizer_steps(run: Run, warmup: bool, step: int) -> dict:
     from common.guard import check_finite
 
     clip = run.c.grad_clip if run.c.grad_clip > 0 else math.inf
-    out = {"value_grad_norm": float(torch.nn.utils.clip_grad_norm_(run.value.parameters(), clip))}
+    out = {} if run.value is None else \
+        {"value_grad_norm": float(torch.nn.utils.clip_grad_norm_(run.value.parameters(), clip))}
     if not warmup:
         out["policy_grad_norm"] = float(torch.nn.utils.clip_grad_norm_(run.policy.parameters(), clip))
-    check_finite(step + 1, out)
-    run.opt.value.step(), run.opt.value.zero_grad(set_to_none=True)
+    check_finite(step + 1, out, run.folder.last_ckpt)
+    if run.value is not None:
+        run.opt.value.step(), run.opt.value.zero_grad(set_to_none=True)
     if not warmup:
         run.opt.policy.step()
     run.opt.policy.zero_grad(set_to_none=True)
+    run.folder.check_weights(run.acc, step + 1, run.opt)
     return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
 def setup(c: PPOConfig) -> tuple[Run, int, Path | None]:
-    """Accelerator, seeds, tokenizers (mismatch check), data, the four models, engine, optimizers, resume state."""
+    """Accelerator, run folder (lock, run id, config check, resume point), seeds, tokenizers (mismatch check), data,
+    the four models, engine, optimizers, resume state."""
     import random
 
     import numpy as np
 
-    from common.checkpoint import latest_checkpoint, load_checkpoint_state, set_rng_state
-    from common.loop import make_accelerator
+    from common.loop import make_accelerator, restore_run_state
     from common.optim import SparseEmbeddingGrad, build_adamw
+    from common.run import open_run
+    from common.preflight import check_vocab
     from data.chatml import REWARD_TOKEN, special_id
 
-    check_inputs(c)
+    check_start(c)  # 0. checks that need no model (paths, data files, vLLM shape, context extension): seconds
+    reward_funcs = [load_reward_func(spec) for spec in c.reward_funcs]  # an import error stops here, in one line
     acc = make_accelerator(c.precision, 1, c.micro_batch_size)
     W = acc.num_processes
     if acc.distributed_type.value == "DEEPSPEED":
@@ -475,68 +563,69 @@ def setup(c: PPOConfig) -> tuple[Run, int, Path | None]:
     if c.rollout_batch_prompts % W or (n_resp // c.num_mini_batches) % W:
         raise ConfigError(f"with {W} processes, rollout_batch_prompts ({c.rollout_batch_prompts}) and the mini batch "
                           f"({n_resp // c.num_mini_batches} responses) must both be multiples of {W}")
-    resume_dir = latest_checkpoint(Path(c.output_dir) / "checkpoints") if c.resume else None
+    folder = open_run(acc, c, "ppo")
+    resume_dir = folder.resume_dir
     random.seed(c.seed), np.random.seed(c.seed), torch.manual_seed(c.seed)
-    tok, rtok = folder_tokenizer(c.tokenizer, c.policy_path), folder_tokenizer(c.reward_tokenizer, c.reward_path)
+    tok = folder_tokenizer(c.tokenizer, c.policy_path)
+    rtok = tok if c.reward_path is None else folder_tokenizer(c.reward_tokenizer, c.reward_path)
     same = tokenizers_match(c, tok, rtok)
+    check_vocab(tok, c.policy_path, "policy_path", c.tokenizer)  # from config.json, before the models load
+    if c.reward_path is not None:
+        check_vocab(rtok, c.reward_path, "reward_path", c.reward_tokenizer)
     pad = lambda t: t.pad_token_id if t.pad_token_id is not None else t.eos_token_id  # noqa: E731
     prompts, ptx, heldout, report = load_data(c, tok)
     if len(prompts) < c.rollout_batch_prompts:
-        raise ConfigError(f"{c.prompt_files}: {len(prompts)} usable prompts, fewer than rollout_batch_prompts "
-                          f"({c.rollout_batch_prompts})")
+        raise ConfigError(f"{', '.join(c.prompt_files)}: {len(prompts)} usable prompts, fewer than "
+                          f"rollout_batch_prompts ({c.rollout_batch_prompts}): lower rollout_batch_prompts, or add "
+                          f"prompts")
     policy, ref, reward, value = load_models(c, resume_dir, acc.device)
     opt = OptimizerPair(build_adamw(policy, c.policy_lr, c.betas, 1e-8, c.weight_decay),
-                        build_adamw(value, c.value_lr, c.betas, 1e-8, c.weight_decay))
+                        None if value is None else build_adamw(value, c.value_lr, c.betas, 1e-8, c.weight_decay))
     kl_ctl = AdaptiveKLController(c.kl_coef, c.kl_target, c.kl_horizon, c.kl_min_coef) if c.kl_adaptive else \
         FixedKLController(c.kl_coef)
     run = Run(c, acc, policy, ref, reward, value, opt, build_engine(c, policy, pad(tok)), tok, rtok, same, pad(tok),
-              pad(rtok), special_id(rtok, REWARD_TOKEN), stop_ids(tok, rtok if same else None),
-              prompts, ptx, heldout, kl_ctl, RunningMeanStd(), use_true_reward(c),
-              value_emb_grad=SparseEmbeddingGrad(value.get_input_embeddings()))  # exact; rows touched only
+              pad(rtok), None if reward is None else special_id(rtok, REWARD_TOKEN),
+              stop_ids(tok, rtok if same and reward is not None else None),
+              prompts, ptx, heldout, kl_ctl, RunningMeanStd(), use_true_reward(c),  # sparse: exact, rows touched only
+              value_emb_grad=None if value is None else SparseEmbeddingGrad(value.get_input_embeddings()),
+              folder=folder, reward_funcs=reward_funcs)
     start = 0
     if resume_dir is not None:  # exact resume: weights above, then optimizers, statistics and RNG state
-        state = load_checkpoint_state(resume_dir)
-        opt.load_state_dict(state["optimizer"])
-        ts = state["train_state"]
-        if ts["n_prompts"] != len(prompts):
-            raise ValueError(f"{resume_dir}: saved with {ts['n_prompts']} prompts, the data now gives "
-                             f"{len(prompts)}; resume with the same data or use a new output_dir")
+        ts = restore_run_state(acc, resume_dir, opt, None, "n_prompts", len(prompts))
         start, run.tax_start = ts["step"], ts["tax_start"]
         kl_ctl.load_state_dict(ts["kl_ctl"]), run.reward_stats.load_state_dict(ts["reward_stats"])
-        if len(state["rng_states"]) != W:
-            raise ValueError(f"{resume_dir}: saved by {len(state['rng_states'])} processes, resuming with {W}; "
-                             f"resume with the same number of processes")
-        set_rng_state(state["rng_states"][acc.process_index])
     if acc.is_main_process:
-        save_config(c, Path(c.output_dir) / "config.yaml")
         print(f"[ppo] {report}\n[ppo] {len(prompts)} prompts, {len(ptx)} ptx rows, {len(heldout)} held-out rows, "
               f"{n_resp} responses/step over {W} process(es), steps {start}->{c.max_steps}, "
               f"engine {c.engine}, tokenizers {'equal' if same else 'differ: re-tokenising'}, resume from "
-              f"{resume_dir}", flush=True)
+              f"{resume_dir}\n[ppo] advantage {c.advantage}"
+              f"{'' if value is not None else ' (no value model, no warmup)'}, KL in the {c.kl_in}, loss "
+              f"{loss_reduction(c)}, score = {describe_score(c, reward is not None, reward_funcs)}",
+              flush=True)
+        for note in start_notes(c, len(ptx), len(heldout)):
+            print(f"[ppo] {note}", flush=True)
     return run, start, resume_dir
 
 
 def checkpoint(run: Run, step: int):
-    from common.loop import save_run_checkpoint
-
     def write_models(d: Path):
         save_model(run.policy, d, run.tok)  # LoRA: the adapter
-        run.value.save_pretrained(d.parent / "value")  # inside the same atomic checkpoint folder
+        if run.value is not None:  # critic-free: no value model
+            run.value.save_pretrained(d.parent / "value")  # inside the same atomic checkpoint folder
     state = {"step": step, "n_prompts": len(run.prompts), "tax_start": run.tax_start,
              "kl_ctl": run.kl_ctl.state_dict(), "reward_stats": run.reward_stats.state_dict()}
-    return save_run_checkpoint(run.acc, Path(run.c.output_dir) / "checkpoints", step, write_models, run.opt, None,
-                               state, run.c.keep_last)
+    return run.folder.save(run.acc, step, write_models, run.opt, None, state, run.c.keep_last)
 
 
 def train(c: PPOConfig) -> list[dict]:
     """Run PPO as configured; returns the metrics of the steps run by this call."""
     from tqdm.auto import tqdm
 
-    from common.metrics import MetricsLogger, plot_metrics
+    from common.metrics import plot_metrics, read_jsonl
 
     run, start, resume_dir = setup(c)
     out = Path(c.output_dir)
-    log = MetricsLogger(out, enabled=run.acc.is_main_process, resume_step=start if resume_dir else None)
+    log = run.folder.metrics()  # resuming: cut back to the rows logged before the checkpoint
     tax = lambda: heldout_loss(run.policy, run.heldout_rows, run.pad_id, c.chunk_size, acc=run.acc)  # noqa: E731
     if run.heldout_rows and run.tax_start is None:  # the alignment tax before PPO
         run.tax_start = tax()
@@ -567,22 +656,27 @@ def train(c: PPOConfig) -> list[dict]:
         log.log(step + 1, m)
         history.append(m)
         bar.update(1)
-        bar.set_postfix(rm=f"{m['rm_score']:.3f}", kl=f"{m['kl_k3']:.3f}", v=f"{m['value_loss']:.3f}")
+        bar.set_postfix(score=f"{m['score']:.3f}", kl=f"{m['kl_k3']:.3f}",
+                        **({"v": f"{m['value_loss']:.3f}"} if "value_loss" in m else {}))
         if (c.save_every and (step + 1) % c.save_every == 0) or step + 1 == stop:
             checkpoint(run, step + 1)
     bar.close()
     if stop == c.max_steps and run.acc.is_main_process:
-        save_model(run.policy, out / "final", run.tok, merge=True)  # LoRA: merged into the SFT weights
-        keys = [k for k in ("true_reward", "rm_score", "kl_k1", "kl_coef", "value_loss", "policy_loss", "entropy",
-                            "response_length", "alignment_tax") if any(k in r for r in history)]
-        plot_metrics(out / "metrics.jsonl", out / "ppo.png", keys, title="PPO")
+        with run.folder.writing("the final policy"):
+            save_model(run.policy, out / "final", run.tok, merge=True)  # LoRA: merged into the SFT weights
+            rows = read_jsonl(out / "metrics.jsonl")  # the whole run's, resumed or not
+            keys = [k for k in ("true_reward", "rm_score", "score", "kl_k1", "kl_coef", "value_loss", "policy_loss",
+                                "kl_loss", "entropy", "response_length", "alignment_tax") if any(k in r for r in rows)]
+            title = "PPO" if run.value is not None else c.advantage.upper()
+            plot_metrics(out / "metrics.jsonl", out / "ppo.png", keys, title=title)
         print(f"[ppo] done: policy in {out / 'final'}, curves in {out / 'ppo.png'}", flush=True)
     log.close()
+    run.folder.end(run.acc, finished=stop == c.max_steps)  # waits for every rank; marks the run finished
     return history
 
 
 def main(argv: list[str] | None = None) -> None:
-    train(parse_config(PPOConfig, argv))
+    run_main(PPOConfig, train, argv)
 
 
 if __name__ == "__main__":

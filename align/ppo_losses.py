@@ -36,19 +36,22 @@ def _stat(x: torch.Tensor, mask: torch.Tensor, total: float | None = None) -> to
 
 # ---------------------------------------------------------------------------------------------------- losses
 def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                    clip: float = 0.2, reduce=token_mean, total: float | None = None):
+                    clip: float = 0.2, reduce=token_mean, total: float | None = None, n_tokens: float | None = None):
     """Clipped surrogate (Schulman et al. 2017): max(-A r, -A clip(r, 1-e, 1+e)), r = exp(logp - old_logp).
 
-    logp (B, R) with gradient; old_logp, advantages (B, R) fixed. Returns (loss, stats): clip_frac = share of
-    tokens where the clipped term is the active one, approx_kl = mean((r - 1) - log r) (>= 0, Schulman's k3).
+    logp (B, R) with gradient; old_logp, advantages (B, R) fixed; `reduce(x, mask, total)` aggregates the loss
+    (token_mean, or a sequence reduction whose `total` counts responses). Returns (loss, stats): clip_frac = share
+    of tokens where the clipped term is the active one, approx_kl = mean((r - 1) - log r) (>= 0, Schulman's k3),
+    both token means over `n_tokens` (the mini batch's tokens; default `total` under token_mean, else this shard's).
     """
     log_ratio = torch.where(mask > 0, logp - old_logp, 0.0)  # (B, R); padding masked before exp (no inf)
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
     loss = reduce(torch.maximum(unclipped, clipped), mask, total)
-    stats = {"policy_clip_frac": _stat((clipped > unclipped).float(), mask, total),
-             "approx_kl": _stat((ratio - 1.0) - log_ratio, mask, total)}
+    n_tokens = n_tokens if n_tokens is not None else total if reduce is token_mean else None
+    stats = {"policy_clip_frac": _stat((clipped > unclipped).float(), mask, n_tokens),
+             "approx_kl": _stat((ratio - 1.0) - log_ratio, mask, n_tokens)}
     return loss, stats
 
 
@@ -114,7 +117,7 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1"
     """Per-token KL(pi || ref) estimate on tokens sampled from pi (Schulman, "Approximating KL divergence").
 
     k1 = logp - ref_logp (unbiased, can be negative per token); k3 = exp(r) - 1 - r with r = ref_logp - logp
-    (unbiased, never negative: PITFALLS 8). logp, ref_logp (B, R) -> (B, R).
+    (unbiased, never negative: docs/PITFALLS.md#ppo-stability). logp, ref_logp (B, R) -> (B, R).
     """
     if estimator == "k1":
         return logp - ref_logp
@@ -128,7 +131,7 @@ def shape_rewards(score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, coe
                   has_eos: torch.Tensor, eos_missing_penalty: float = 0.0) -> torch.Tensor:
     """Per-token rewards (B, R): -coef * kl on every response token, plus on the last real token the (normalised)
     score minus `eos_missing_penalty` when the response did not end with a stop token (Ziegler et al. 2019;
-    the penalty discourages max-length rambling, PITFALLS 8).
+    the penalty discourages max-length rambling, docs/PITFALLS.md#ppo-stability).
 
     score (B,), kl (B, R), mask (B, R), has_eos (B,) bool.
     """
@@ -204,3 +207,85 @@ class RunningMeanStd:
 
     def load_state_dict(self, state: dict) -> None:
         self.count, self.mean, self.var = int(state["count"]), float(state["mean"]), float(state["var"])
+
+
+# ---------------------------------------------------------------------------------------------------- critic-free
+# Advantage estimators without a value model (the `advantage` switch of the RL loop). Shapes: N responses = prompts
+# x G (group size: samples per prompt), laid out prompt-major as the rollout engines return them (rows
+# [p*G, (p+1)*G) answer prompt p); `scores` (N,) is one scalar per response (reward model and/or reward functions,
+# KL already subtracted when the KL is in the reward); R response length. The group estimators return (N,)
+# sequence advantages: every token of response i gets advantages[i] (`advantages[:, None] * mask`).
+
+def _groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """scores (N,) -> (N / G, G), checking N is a whole number of groups of >= 2."""
+    if scores.dim() != 1:
+        raise ValueError(f"scores must be (N,), got shape {tuple(scores.shape)}")
+    if group_size < 2 or scores.shape[0] % group_size:
+        raise ValueError(f"need group_size >= 2 dividing the {scores.shape[0]} responses (prompts x samples per "
+                         f"prompt), got group_size={group_size}")
+    return scores.float().view(-1, group_size)
+
+
+def grpo_advantages(scores: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-6) -> torch.Tensor:
+    """GRPO outcome advantages (Shao et al. 2024, DeepSeekMath sec. 4.1.2): (s - group mean) / (group std + eps).
+
+    The std is the unbiased one (n - 1), as veRL, OpenRLHF and TRL compute it; a group whose replies all score the
+    same gets 0. scale=False is Dr. GRPO (Liu et al. 2025, sec. 3.2): no division by the std, which up-weights
+    prompts that are too easy or too hard; pair it with `sequence_mean_token_sum` (no per-length normalisation).
+    scores (N,) -> (N,)."""
+    g = _groups(scores, group_size)  # (N/G, G)
+    adv = g - g.mean(-1, keepdim=True)
+    if scale:
+        adv = adv / (g.std(-1, keepdim=True) + eps)
+    return adv.flatten()
+
+
+def rloo_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """RLOO (Ahmadian et al. 2024, sec. 3.3; Kool et al. 2019): s_i minus the mean of the OTHER G - 1 replies to the
+    same prompt, = G / (G - 1) (s_i - group mean). An unbiased baseline (it does not use s_i). scores (N,) -> (N,)."""
+    g = _groups(scores, group_size)  # (N/G, G)
+    return (g - (g.sum(-1, keepdim=True) - g) / (group_size - 1)).flatten()
+
+
+def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """G_t = sum_{s >= t} gamma^(s - t) r_s within each response; rewards, mask (N, R) -> (N, R), 0 on padding."""
+    rewards = rewards * mask
+    out = torch.zeros_like(rewards)
+    running = rewards.new_zeros(rewards.shape[0])  # (N,)
+    for t in reversed(range(rewards.shape[1])):
+        running = rewards[:, t] + gamma * running
+        out[:, t] = running
+    return out * mask
+
+
+def reinforce_pp_advantages(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+                            moments: torch.Tensor | None = None):
+    """REINFORCE++ (Hu 2025, sec. 3): token rewards carry the KL (`shape_rewards`: -coef * KL on every token, the
+    score on the last one), their discounted returns are the advantages, normalised over the WHOLE batch (every
+    token of every response: mean 0, std 1; `moments` from `masked_moments` summed over ranks when the batch is
+    split). rewards, mask (N, R) -> (advantages, returns), both (N, R) and 0 on padding."""
+    returns = discounted_returns(rewards, mask, gamma)
+    return whiten(returns, mask, moments=moments), returns
+
+
+def kl_loss(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, coef: float, reduce=token_mean,
+            total: float | None = None) -> torch.Tensor:
+    """KL to the reference as a loss term instead of a reward penalty (GRPO, Shao et al. 2024, eq. 4):
+    coef x reduce(k3), k3 = exp(ref - logp) - (ref - logp) - 1 >= 0 per token, differentiable in logp (B, R)."""
+    log_ratio = torch.where(mask > 0, ref_logp - logp, 0.0)  # (B, R); padding 0 so exp stays finite
+    return coef * reduce(torch.expm1(log_ratio) - log_ratio, mask, total)
+
+
+def sequence_mean_token_sum(x: torch.Tensor, mask: torch.Tensor, total: float | None = None,
+                            scale: float = 1.0) -> torch.Tensor:
+    """Sum over each sequence's tokens, mean over sequences (total defaults to B, this shard's sequences), divided
+    by the constant `scale`. Dr. GRPO (Liu et al. 2025, sec. 3.2) with scale = the generation budget
+    (max_new_tokens): no 1/|o_i| per response, so long wrong replies are not penalised less per token; TRL's
+    `dr_grpo` loss is this with scale = max_completion_length. x, mask (B, R)."""
+    denom = x.new_tensor(float(x.shape[0] if total is None else total)).clamp(min=1) * scale
+    return torch.where(mask > 0, x, 0.0).sum() / denom
+
+
+REDUCTIONS = {"token_mean": token_mean, "sequence_mean": sequence_mean,
+              "sequence_mean_token_sum": sequence_mean_token_sum}
+ADVANTAGES = ("gae", "grpo", "rloo", "reinforce_pp")

@@ -22,7 +22,8 @@ from typing import Optional
 import torch
 
 from align.models import LORA_TARGETS, build_model, save_model
-from common.config import ConfigError, cfg, parse_config, save_config
+from common.config import ConfigError, InputError, cfg
+from common.run import RUN_CONTROL, run_main
 from data.tokenizer import load_tokenizer  # noqa: F401  (also used by tests)
 
 
@@ -42,7 +43,10 @@ class SFTConfig:
     lora_dropout: float = cfg(0.0, "dropout on the LoRA input")
     lora_target_modules: list[str] = cfg(LORA_TARGETS, "module names that get LoRA adapters")
     # --- data ---
-    train_files: list[str] = cfg([], "SFT data files ({'messages': [...]} JSONL/JSON/parquet/arrow)")
+    train_files: list[str] = cfg([], "SFT data files ({'messages': [...]} JSONL/JSON/parquet/arrow)", required=True)
+    keep_negative: bool = cfg(False, "a file of rated replies (prompt/completion/label, data.feedback's "
+                                     "unpaired.jsonl) is refused, since SFT would learn its thumbs-down replies too; "
+                                     "true: read it anyway and learn only the thumbs-up replies (label true)")
     data_kind: str = cfg("sft", "'sft': conversations, loss on the masked-in tokens; 'text': plain text ({'text'}), "
                                 "every token learned, packed (base-model pretraining / continued pretraining)")
     mask: str = cfg("all_assistant", "loss-mask strategy: all_assistant, last_assistant, qwen_finetune")
@@ -68,10 +72,15 @@ class SFTConfig:
     output_dir: str = cfg("runs/sft", "checkpoints, metrics.jsonl, tb/, loss.png and the final model go here")
     save_every: int = cfg(0, "checkpoint every this many steps; 0 = only at the end")
     keep_last: int = cfg(1, "complete checkpoints kept")
-    resume: bool = cfg(True, "continue from the latest checkpoint in output_dir if there is one")
+    resume: bool = cfg(True, "continue the run in output_dir from its latest checkpoint (the config must match); "
+                             "false: start a new run (refused if output_dir holds one)")
+    overwrite_output_dir: bool = cfg(False, "with resume false: delete the run already in output_dir first")
     stop_at_step: Optional[int] = cfg(None, "checkpoint and stop after this step; the LR schedule still spans max_steps")
     log_every: int = cfg(1, "log metrics every this many steps")
     seed: int = cfg(0, "seed for data order, model init and dropout")
+
+    # fields that may change when a run is resumed (they only decide when to save, log or stop)
+    RESUME_MAY_CHANGE = RUN_CONTROL
 
     def validate(self):
         if (self.model_path is None) == (self.init_config is None):
@@ -85,8 +94,6 @@ class SFTConfig:
                               "documents); set packing: false for model_impl: hf")
         if self.init_config is not None and self.model_impl != "custom":
             raise ConfigError("init_config builds the custom model; set model_impl: custom")
-        if not self.train_files:
-            raise ConfigError("train_files is empty: give at least one SFT data file")
         if self.data_kind not in ("sft", "text"):
             raise ConfigError(f"data_kind must be 'sft' or 'text', got {self.data_kind!r}")
         if self.mask not in ("all_assistant", "last_assistant", "qwen_finetune"):
@@ -126,6 +133,8 @@ def build_rows(c: SFTConfig, tokenizer) -> tuple[list[dict], str]:
         return examples, "\n".join(reports)
     for path in c.train_files:
         records, kind = load_records(path, kind="sft")
+        records, note = thumbs_up_only(records, path, c.keep_negative)
+        reports += [note] if note else []
         ex, report = build_sft_examples(records, tokenizer, c.seq_len, mask=c.mask, truncation=c.truncation)
         examples += ex
         reports.append(f"{path}: {report.summary()}")
@@ -133,6 +142,42 @@ def build_rows(c: SFTConfig, tokenizer) -> tuple[list[dict], str]:
         random.Random(c.seed).shuffle(examples)
         examples = pack_examples(examples, c.seq_len)
     return examples, "\n".join(reports)
+
+
+def thumbs_up_only(records: list[dict], path: str, keep_negative: bool) -> tuple[list[dict], str]:
+    """A file of rated replies ({prompt, completion, label}: data.feedback's unpaired.jsonl) reads as prompt /
+    completion SFT data, thumbs-down replies included: refused unless keep_negative, then only label-true rows are
+    kept. -> (records to learn, a note for the report; "" for a file without ratings)."""
+    rated = sum("label" in r for r in records)
+    if not rated:
+        return records, ""
+    kept = [r for r in records if r.get("label", True) is True]
+    down = len(records) - len(kept)
+    if not keep_negative:
+        raise InputError(f"{path}: {rated} of its {len(records)} records are rated replies (prompt, completion, "
+                         f"label: data.feedback's unpaired.jsonl), {down} of them thumbs-down; SFT would learn "
+                         f"those replies too. Train on ratings with align/kto.py, or pass --keep_negative true to "
+                         f"learn only the {rated - down} thumbs-up replies")
+    if not kept:
+        raise InputError(f"{path}: all {rated} rated replies are thumbs-down; nothing for SFT to learn")
+    return kept, f"{path}: --keep_negative: learning {rated - down} thumbs-up replies, skipped {down} thumbs-down"
+
+
+def check_start(c: SFTConfig) -> None:
+    """Phase 0, before the accelerator and any model: output_dir, the model folder (or init_config) and every data
+    file (read and validated once; build_rows takes the result). A mistake here fails in seconds."""
+    from common.preflight import check_config_file, check_model_folder, check_output_dir
+    from data.datasets import check_records
+
+    check_output_dir(c.output_dir)
+    if c.model_path is not None:
+        check_model_folder(c.model_path, "model_path")
+    else:
+        check_config_file(c.init_config, "init_config")
+    for path in c.train_files:
+        records, _ = check_records(path, kind="text" if c.data_kind == "text" else "sft")
+        if c.data_kind == "sft":
+            thumbs_up_only(records, path, c.keep_negative)
 
 
 class LogprobWrapper(torch.nn.Module):
@@ -175,23 +220,33 @@ def train(c: SFTConfig) -> list[float]:
     from tqdm.auto import tqdm
 
     from common.guard import check_finite
-    from common.loop import (begin_run, full_weights, mini_batch_rows, rank_micro_batches, restore_run_state,
-                             save_run_checkpoint, steps_per_epoch)
-    from common.metrics import MetricsLogger, plot_metrics
+    from common.loop import (batch_words, begin_run, check_warmup, full_weights, mini_batch_rows,
+                             rank_micro_batches, restore_run_state, steps_per_epoch)
+    from common.metrics import plot_metrics
     from common.optim import build_adamw, warmup_cosine
+    from common.preflight import check_vocab
     from data.datasets import collate
 
-    # 1. accelerator, seed, resume point
-    acc, out, W, rank, ckpt_root, resume_dir = begin_run(c)
+    # 0. checks that need no model (paths, data files): seconds
+    check_start(c)
+
+    # 1. accelerator, run folder (lock, run id, config check, resume point), seed
+    acc, run = begin_run(c, "sft")
+    out, W, rank, resume_dir = run.out, acc.num_processes, acc.process_index, run.resume_dir
 
     # 2. tokenizer and rows (every rank builds the same rows; the batch plan picks each rank's share)
     tokenizer = load_tokenizer(c.tokenizer)
+    check_vocab(tokenizer, c.model_path or c.init_config, "model_path" if c.model_path else "init_config",
+                c.tokenizer)  # from config.json, before the model loads
     rows, report = build_rows(c, tokenizer)
     mini = c.micro_batch_size_per_rank * c.grad_accum_steps * W
-    spe = steps_per_epoch(len(rows), mini, source=", ".join(c.train_files))
+    spe = steps_per_epoch(len(rows), mini, source=", ".join(c.train_files), batch=batch_words(c, W))
     total = c.max_steps or c.num_epochs * spe
-    if c.warmup_steps >= total:
-        raise ConfigError(f"warmup_steps ({c.warmup_steps}) must be < the {total} optimizer steps of this run")
+    check_warmup(c.warmup_steps, total)
+    if c.max_steps and c.max_steps > 10 * spe and acc.is_main_process:
+        print(f"[sft] warning: max_steps {c.max_steps} is {c.max_steps / spe:.0f} passes over the data ({len(rows)} "
+              f"rows, {spe} mini batches of {mini} per pass); lower max_steps, or set max_steps null and num_epochs",
+              flush=True)
     n_learned = [learned_tokens(r) for r in rows]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
@@ -211,18 +266,17 @@ def train(c: SFTConfig) -> list[float]:
         state = restore_run_state(acc, resume_dir, optimizer, scheduler, "n_rows", len(rows))
         start = state["step"]
     if acc.is_main_process:
-        save_config(c, out / "config.yaml")
         print(f"[sft] {report}\n[sft] {len(rows)} rows, mini batch {mini}, steps {start}->{total}, ranks {W}, "
               f"precision {acc.mixed_precision}, {acc.distributed_type.value}, resume from {resume_dir}", flush=True)
-    log = MetricsLogger(out, enabled=acc.is_main_process, resume_step=start if resume_dir else None)
+    log = run.metrics()  # resuming: cut back to the rows logged before the checkpoint
     stop = min(total, c.stop_at_step or total)
-    losses, last_ckpt = [], resume_dir
+    losses = []
 
     def checkpoint(step):
         def write_model(d):
             save_model(acc.unwrap_model(model).lm, d, tokenizer)
-        return save_run_checkpoint(acc, ckpt_root, step, write_model, optimizer, scheduler,
-                                   {"step": step, "n_rows": len(rows)}, c.keep_last)
+        return run.save(acc, step, write_model, optimizer, scheduler, {"step": step, "n_rows": len(rows)},
+                        c.keep_last)
 
     # 5. train
     bar = tqdm(total=total, initial=start, desc="sft", disable=not acc.is_main_process, dynamic_ncols=True)
@@ -246,12 +300,13 @@ def train(c: SFTConfig) -> list[float]:
         loss = float(stats[0]) / max(n_tok, 1)
 
         # 6. NaN guard, clip, step, log, checkpoint
-        check_finite(step + 1, {"loss": loss}, last_ckpt)
+        check_finite(step + 1, {"loss": loss}, run.last_ckpt)
         grad_norm = acc.clip_grad_norm_(model.parameters(), c.grad_clip if c.grad_clip > 0 else math.inf)
         if grad_norm is not None:  # None under DeepSpeed before its first step (it clips internally)
-            check_finite(step + 1, {"grad_norm": grad_norm}, last_ckpt)
+            check_finite(step + 1, {"grad_norm": grad_norm}, run.last_ckpt)
         lr = scheduler.get_last_lr()[0]
         optimizer.step(), scheduler.step(), optimizer.zero_grad(set_to_none=True)
+        run.check_weights(acc, step + 1, optimizer)
         losses.append(loss)
         dt = time.perf_counter() - t0
         if (step + 1) % c.log_every == 0 or step + 1 == stop:
@@ -261,27 +316,24 @@ def train(c: SFTConfig) -> list[float]:
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
         if (c.save_every and (step + 1) % c.save_every == 0) or step + 1 == stop:
-            last_ckpt = checkpoint(step + 1) or last_ckpt
+            checkpoint(step + 1)
     bar.close()
 
     # 7. final HF model (LoRA merged) and the loss curve
     if stop == total:
         with full_weights(acc):  # ZeRO-3: every rank gathers the weights, the main process writes them
             if acc.is_main_process:
-                save_model(acc.unwrap_model(model).lm, out / "final", tokenizer, merge=True)
-                plot_metrics(out / "metrics.jsonl", out / "loss.png", ["loss", "lr"], title="SFT")
+                with run.writing("the final model"):
+                    save_model(acc.unwrap_model(model).lm, out / "final", tokenizer, merge=True)
+                    plot_metrics(out / "metrics.jsonl", out / "loss.png", ["loss", "lr"], title="SFT")
                 print(f"[sft] done: final model in {out / 'final'}, loss curve in {out / 'loss.png'}", flush=True)
     log.close()
-    acc.wait_for_everyone()
+    run.end(acc, finished=stop == total)  # waits for every rank; marks the run finished, frees the folder
     return losses
 
 
 def main(argv: list[str] | None = None) -> None:
-    try:
-        config = parse_config(SFTConfig, argv)
-    except ConfigError as e:
-        raise SystemExit(f"config error: {e}") from None
-    train(config)
+    run_main(SFTConfig, train, argv)
 
 
 if __name__ == "__main__":

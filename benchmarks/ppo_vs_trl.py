@@ -58,7 +58,7 @@ def run_ours(d: Path, a) -> dict:
         heldout_files=[], ptx_coef=0.0, true_reward=False, engine=a.engine,
         rollout_batch_prompts=a.episodes_per_step // 2, samples_per_prompt=2, top_p=1.0, temperature=1.0,
         max_new_tokens=a.response_length, micro_batch_size=a.episodes_per_step, value_warmup_steps=0,
-        max_steps=a.steps, output_dir=str(d / "ours"), resume=False, precision="fp32"))
+        max_steps=a.steps, output_dir=str(d / "ours"), resume=False, overwrite_output_dir=True, precision="fp32"))
     hist = train(c)
     step_s = [h["time_step"] for h in hist]
     loop_s = sum(step_s)

@@ -2,32 +2,38 @@
 
 Layout under `root` (e.g. `<output_dir>/checkpoints`):
     step-00000010/model/        HF folder (config.json + *.safetensors) that transformers and vLLM load
-    step-00000010/state.pt      optimizer, scheduler, train_state (step, data position, ...), RNG state per rank
-    step-00000010/meta.json     {"step": 10, "complete": true}
-    step-00000010/deepspeed/    under DeepSpeed only: each rank's optimizer (ZeRO-3: and weight) shard; state.pt
+    step-00000010/state.json    optimizer, scheduler, train_state (step, data position, ...), RNG state per rank:
+    step-00000010/state.safetensors   the tree in JSON, its tensors in safetensors (common/safestate.py; no pickle)
+    step-00000010/meta.json     {"step": 10, "complete": true, "run_id": ..., "metrics_rows": ...}
+    step-00000010/deepspeed/    under DeepSpeed only: each rank's optimizer (ZeRO-3: and weight) shard; the state
                                 then holds no optimizer state
-    latest                      text file naming the newest complete checkpoint
+    latest                      text file naming the newest complete checkpoint (for people and tools)
 
-A checkpoint is written into a temporary directory, fsynced and renamed into place; `latest` is updated atomically
-after that and older checkpoints are deleted only then, so a crash (or a NaN stop) mid-save never loses the last
-good one.
+A checkpoint belongs to one run (`run_id` in its meta.json): listing, pruning and resuming only ever see the
+current run's checkpoints. It is written into a temporary directory, fsynced and renamed into place; `latest` is
+updated after that and older checkpoints of the run are deleted only then, each first renamed out of the live names
+(common.atomic.remove_dir), so a crash (or a NaN stop) mid-save or mid-prune never loses the last good one and never
+leaves a half-deleted folder under a live name.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
-import shutil
+import re
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from common.atomic import atomic_dir, atomic_write_json, atomic_write_text
+from common.atomic import atomic_dir, atomic_write_json, atomic_write_text, remove_dir
+from common.failpoint import failpoint
+from common.safestate import STATE_JSON, UnsafeStateError, load_state, save_state
 
-STATE_FILE, META_FILE, MODEL_DIR, LATEST = "state.pt", "meta.json", "model", "latest"
+STATE_FILE, META_FILE, MODEL_DIR, LATEST = STATE_JSON, "meta.json", "model", "latest"
+LEGACY_STATE = "state.pt"  # the pickle of versions before 0.2: never read
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
 
 
 def rng_state() -> dict[str, Any]:
@@ -60,12 +66,15 @@ def save_checkpoint(
     rng_states: list[dict[str, Any]],
     keep_last: int = 1,
     extra_dirs: dict[str, Path] | None = None,
+    run_id: str | None = None,
+    meta: dict[str, Any] | None = None,
 ) -> Path:
-    """Write checkpoint `step` atomically; call on the main process only. Returns its directory.
+    """Write checkpoint `step` of run `run_id` atomically; call on the main process only. Returns its directory.
 
     save_model(dir) writes the HF model folder; rng_states has one entry per rank (index = rank).
-    keep_last: complete checkpoints kept (>= 1); older ones are deleted after the new one is in place.
+    keep_last: complete checkpoints of this run kept (>= 1); older ones are deleted after the new one is in place.
     extra_dirs: {name: folder} moved into the checkpoint before it is renamed into place (DeepSpeed's shards).
+    meta: more keys for meta.json (the metrics row count).
     """
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
@@ -73,49 +82,76 @@ def save_checkpoint(
     final = root / checkpoint_name(step)
     with atomic_dir(final) as tmp:
         save_model(tmp / MODEL_DIR)
-        torch.save({
+        save_state(tmp, {
             "optimizer": optimizer.state_dict() if optimizer is not None else None,
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "train_state": train_state,
             "rng_states": rng_states,
-        }, tmp / STATE_FILE)
+        })
         for name, folder in (extra_dirs or {}).items():
-            os.rename(folder, tmp / name)
-        atomic_write_json(tmp / META_FILE, {"step": step, "complete": True})
+            folder.rename(tmp / name)
+        atomic_write_json(tmp / META_FILE, {"step": step, "complete": True, "run_id": run_id, **(meta or {})})
+    failpoint("checkpoint.renamed", step)
     atomic_write_text(root / LATEST, final.name + "\n")
-    for old in list_checkpoints(root)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    for old in list_checkpoints(root, run_id)[:-keep_last]:
+        remove_dir(old)
     return final
 
 
-def list_checkpoints(root: str | Path) -> list[Path]:
-    """Complete checkpoints under `root`, oldest first (temporary and incomplete ones are ignored)."""
+def read_meta(d: Path) -> dict | None:
+    """meta.json of a complete checkpoint folder, else None."""
+    try:
+        meta = json.loads((d / META_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) and meta.get("complete") else None
+
+
+def list_checkpoints(root: str | Path, run_id: str | None = None) -> list[Path]:
+    """Complete checkpoints under `root`, oldest first; with `run_id`, only that run's. Temporary, renamed-for-
+    deletion and incomplete folders are never listed."""
     root = Path(root)
     if not root.is_dir():
         return []
     found = []
-    for d in root.glob("step-*"):
-        meta = d / META_FILE
-        if d.is_dir() and meta.is_file() and json.loads(meta.read_text()).get("complete"):
+    for d in root.iterdir():
+        if not re.fullmatch(r"step-\d+", d.name) or not d.is_dir():
+            continue
+        meta = read_meta(d)
+        if meta is not None and (run_id is None or meta.get("run_id") == run_id):
             found.append(d)
     return sorted(found, key=lambda d: int(d.name.split("-")[1]))
 
 
-def latest_checkpoint(root: str | Path) -> Path | None:
-    """The checkpoint named by `latest` (or the newest complete one if the pointer is missing); None if none."""
-    root = Path(root)
-    pointer = root / LATEST
-    if pointer.is_file():
-        d = root / pointer.read_text().strip()
-        if (d / META_FILE).is_file():
-            return d
-    found = list_checkpoints(root)
+def latest_checkpoint(root: str | Path, run_id: str | None = None) -> Path | None:
+    """The newest complete checkpoint (of run `run_id` if given); None if there is none."""
+    found = list_checkpoints(root, run_id)
     return found[-1] if found else None
 
 
+def check_no_pickle(ckpt_dir: str | Path, allow_under: str | None = None) -> None:
+    """Refuse a checkpoint that holds pickle files (outside `allow_under`, DeepSpeed's folder read with an
+    allow-list): our checkpoints never contain any, and loaders would unpickle them if the safetensors were
+    missing. The legacy `state.pt` gets its own message."""
+    ckpt_dir = Path(ckpt_dir)
+    if (ckpt_dir / LEGACY_STATE).exists() and not (ckpt_dir / STATE_FILE).exists():
+        raise UnsafeStateError(
+            f"{ckpt_dir}: holds {LEGACY_STATE} (the pickle format of qwen-align < 0.2), which is never loaded: "
+            f"unpickling a file can run code. Start a new run from its weights with --model_path "
+            f"{ckpt_dir / MODEL_DIR} (and --resume false --overwrite_output_dir true, or a new output_dir)")
+    for f in ckpt_dir.rglob("*"):
+        if allow_under and f.relative_to(ckpt_dir).parts[0] == allow_under:
+            continue
+        if f.suffix in PICKLE_SUFFIXES:
+            raise UnsafeStateError(f"{f}: a pickle file inside a checkpoint; qwen-align never writes one and does "
+                                   f"not load it (unpickling can run code). Remove it or start a new run")
+
+
 def load_checkpoint_state(ckpt_dir: str | Path) -> dict[str, Any]:
-    """The dict written to state.pt (optimizer, scheduler, train_state, rng_states). Our own file: full unpickle."""
-    path = Path(ckpt_dir) / STATE_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{ckpt_dir}: not a complete checkpoint (no {STATE_FILE})")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """The state written by save_checkpoint (optimizer, scheduler, train_state, rng_states), read without pickle."""
+    ckpt_dir = Path(ckpt_dir)
+    check_no_pickle(ckpt_dir, allow_under="deepspeed")
+    state = load_state(ckpt_dir)
+    if not isinstance(state, dict) or not {"optimizer", "scheduler", "train_state", "rng_states"} <= set(state):
+        raise UnsafeStateError(f"{ckpt_dir / STATE_FILE}: not a checkpoint state")
+    return state

@@ -2,12 +2,13 @@
 
 Every entry point has one dataclass at the top of its file. A YAML file is an instance of that dataclass (same keys);
 `--field value` flags override any field. Unknown keys or flags are errors, values are checked against the field
-type, and the dataclass's `validate()` raises for invalid combinations: nothing is silently rewritten
-(STYLE.md rule 4, PITFALLS.md item 10).
+type, fields marked required must be given, and the dataclass's `validate()` raises for invalid combinations:
+nothing is silently rewritten (docs/PITFALLS.md#silent-rewrites).
 
     @dataclass
     class MyConfig:
         lr: float = cfg(1e-5, "peak learning rate")
+        train_files: list[str] = cfg([], "data files", required=True)
         def validate(self): ...
 
     config = parse_config(MyConfig, sys.argv[1:])
@@ -15,6 +16,8 @@ type, and the dataclass's `validate()` raises for invalid combinations: nothing 
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import dataclasses
 import sys
 import types
@@ -26,14 +29,22 @@ import yaml
 
 
 class ConfigError(ValueError):
-    """A config file, flag or combination of settings is invalid; the message says what to change."""
+    """A config file, flag or combination of settings is invalid; the message says what to change.
+    Entry points print it as one paragraph `config error: ...` and exit with status 2."""
 
 
-def cfg(default: Any, help: str) -> Any:
-    """A dataclass field with a default and a one-line help text (shown by `--help`)."""
+class InputError(ValueError):
+    """A data file is missing, empty, unreadable or holds records a trainer cannot use; the message starts with the
+    file (and line or record: `FILE:LINE: ...`). Entry points print `input error: ...` and exit with status 2."""
+
+
+def cfg(default: Any, help: str, required: bool = False) -> Any:
+    """A dataclass field with a default and a one-line help text (shown by `--help`). `required`: the default is
+    the empty value ("", [] or None) and a config must give it (build_config lists every missing one at once)."""
+    meta = {"help": help, "required": required}
     if isinstance(default, (list, dict, set)):
-        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return dataclasses.field(default=default, metadata={"help": help})
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
 
 
 def _type_name(tp: Any) -> str:
@@ -114,10 +125,22 @@ def config_help(cls: type) -> str:
     """One line per field: name, type, default and help text."""
     lines = [f"{cls.__name__} options (YAML keys or --flags):"]
     for name, (f, tp) in _fields(cls).items():
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else "REQUIRED")
-        lines.append(f"  --{name} ({_type_name(tp)}, default {default!r}): {f.metadata.get('help', '')}")
+        no_default = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if f.metadata.get("required") or no_default:
+            given = "REQUIRED"
+        else:
+            given = f"default {f.default if f.default is not dataclasses.MISSING else f.default_factory()!r}"
+        lines.append(f"  --{name} ({_type_name(tp)}, {given}): {f.metadata.get('help', '')}")
     return "\n".join(lines)
+
+
+def missing_required(cls: type, values: dict) -> list[str]:
+    """'--name (help)' of every required field that `values` leaves out or empty."""
+    out = []
+    for name, (f, _) in _fields(cls).items():
+        if f.metadata.get("required") and values.get(name) in (None, "", [], ()):
+            out.append(f"--{name} ({f.metadata.get('help', '')})")
+    return out
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -127,8 +150,11 @@ def load_yaml(path: str | Path) -> dict:
         raise ConfigError(f"config file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    except yaml.YAMLError as e:  # yaml's own text spans several lines: keep the line and the problem
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        what = " ".join(str(getattr(e, "problem", None) or e).split())
+        raise ConfigError(f"{where}: invalid YAML: {what}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -163,6 +189,11 @@ def build_config(cls: type, values: dict, source: str = "values") -> Any:
         if key not in fields:
             raise ConfigError(f"{source}: unknown key {key!r} for {cls.__name__}; known keys: {sorted(fields)}")
         kwargs[key] = coerce(value, fields[key][1], f"{source}: {key}")
+    missing = missing_required(cls, kwargs)
+    if missing:
+        raise ConfigError(f"missing required field{'s' * (len(missing) > 1)}: {'; '.join(missing)}. Give "
+                          f"{'them' if len(missing) > 1 else 'it'} as --name value or as keys of a --config YAML "
+                          f"file; --help lists every field")
     try:
         config = cls(**kwargs)
     except TypeError as e:  # a required field without a value
@@ -213,3 +244,28 @@ def save_config(config: Any, path: str | Path) -> None:
 
     data = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
     atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
+
+
+def error_text(e: ConfigError | InputError) -> str:
+    """The one paragraph an entry point prints for a user mistake."""
+    return f"{'input' if isinstance(e, InputError) else 'config'} error: {e}"
+
+
+@contextlib.contextmanager
+def user_errors() -> typing.Iterator[None]:
+    """For entry points that do not go through common.run.run_main: a ConfigError or InputError becomes its one
+    paragraph on stderr (`config error: ...` / `input error: ...`) and exit status 2, never a traceback."""
+    try:
+        yield
+    except (ConfigError, InputError) as e:
+        print(error_text(e), file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the project's error style: a usage mistake is one `config error: ...` paragraph (naming the
+    flag and pointing at --help) and exit status 2, instead of argparse's usage block."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        print(f"config error: {message}; run `{self.prog} --help` for the options", file=sys.stderr, flush=True)
+        raise SystemExit(2)

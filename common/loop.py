@@ -1,4 +1,4 @@
-"""Training-loop helpers shared by align/sft.py and reward/train.py: the batch plan, precision, checkpoint glue.
+"""Training-loop helpers shared by the trainers: the batch plan, precision, checkpoint glue.
 
 Batch words (docs/DESIGN.md): micro batch = rows in one forward/backward on one rank; mini batch = rows in one
 optimizer step = micro x grad-accum x ranks. The plan below is a pure function of (step, seed), so every rank knows
@@ -18,16 +18,36 @@ import torch
 
 from common.checkpoint import (STATE_FILE, checkpoint_name, load_checkpoint_state, rng_state, save_checkpoint,
                                set_rng_state)
+from common.run import RunRefused
 
 DEEPSPEED_DIR, DEEPSPEED_TAG, ZERO_FILE = "deepspeed", "zero", "zero.json"  # <checkpoint>/deepspeed/zero/...
 
 
-def steps_per_epoch(n_rows: int, mini_batch: int, source: str = "data") -> int:
-    """Full mini batches per pass over `n_rows` (the remainder is dropped); zero steps is an error."""
+def steps_per_epoch(n_rows: int, mini_batch: int, source: str = "data",
+                    batch: str = "micro batch x grad-accum x ranks") -> int:
+    """Full mini batches per pass over `n_rows` (the remainder is dropped); zero steps is a ConfigError naming the
+    fields to lower (`batch` spells the mini batch out with the trainer's field names)."""
     if n_rows < mini_batch:
-        raise ValueError(f"{source}: {n_rows} rows is fewer than one mini batch of {mini_batch} "
-                         f"(micro batch x grad-accum x ranks); add data or lower the batch size")
+        from common.config import ConfigError
+
+        raise ConfigError(f"{source}: {n_rows} rows is fewer than one mini batch of {mini_batch} ({batch}): lower "
+                          f"grad_accum_steps (or micro_batch_size_per_rank), or add data")
     return n_rows // mini_batch
+
+
+def batch_words(c, ranks: int) -> str:
+    """'micro_batch_size_per_rank 1 x grad_accum_steps 128 x 1 rank(s)': the mini batch in field names."""
+    return (f"micro_batch_size_per_rank {c.micro_batch_size_per_rank} x grad_accum_steps {c.grad_accum_steps} x "
+            f"{ranks} rank(s)")
+
+
+def check_warmup(warmup_steps: int, total: int) -> None:
+    """The schedule's warmup must end before the run does (paper-scale warmups do not fit small data)."""
+    if warmup_steps >= total:
+        from common.config import ConfigError
+
+        raise ConfigError(f"warmup_steps ({warmup_steps}) must be < the {total} optimizer steps of this run: lower "
+                          f"warmup_steps (or raise max_steps / num_epochs)")
 
 
 def mini_batch_rows(step: int, n_rows: int, mini_batch: int, seed: int) -> list[int]:
@@ -120,12 +140,14 @@ def full_weights(accelerator) -> Iterator[None]:
 
 
 def save_run_checkpoint(accelerator, root: str | Path, step: int, save_model: Callable[[Path], None], optimizer,
-                        scheduler, train_state: dict[str, Any], keep_last: int) -> Path | None:
+                        scheduler, train_state: dict[str, Any], keep_last: int, run_id: str | None = None,
+                        meta: dict[str, Any] | None = None) -> Path | None:
     """Gather every rank's RNG state, then the main process writes the checkpoint atomically; all ranks wait.
     Under DeepSpeed the optimizer state is sharded: every rank first writes its shard with the engine's own
     `save_checkpoint` into a temporary folder, which the main process moves into the checkpoint before the rename
     (so a crash leaves the previous checkpoint as the latest; every rank must see `root`: one machine or a shared
-    filesystem). Under ZeRO-3 the weights are gathered for the save."""
+    filesystem). Under ZeRO-3 the weights are gathered for the save. Trainers call it through RunDir.save, which
+    passes the run id and the metrics row count (meta.json)."""
     from accelerate.utils import gather_object
 
     rngs = gather_object([rng_state()]) if accelerator.num_processes > 1 else [rng_state()]
@@ -146,67 +168,83 @@ def save_run_checkpoint(accelerator, root: str | Path, step: int, save_model: Ca
     with full_weights(accelerator):
         if accelerator.is_main_process:
             path = save_checkpoint(root, step, save_model, None if engine else optimizer, scheduler, train_state,
-                                   rngs, keep_last, extra_dirs={DEEPSPEED_DIR: shards} if shards else None)
+                                   rngs, keep_last, extra_dirs={DEEPSPEED_DIR: shards} if shards else None,
+                                   run_id=run_id, meta=meta)
     accelerator.wait_for_everyone()
     return path
 
 
 def restore_run_state(accelerator, ckpt_dir: str | Path, optimizer, scheduler, count_key: str | None = None,
                       count: int | None = None) -> dict[str, Any]:
-    """Load optimizer (under DeepSpeed: this rank's shard, with the engine), scheduler and this rank's RNG state
-    from a checkpoint; return its train_state. With `count_key`, the saved train_state[count_key] must equal
-    `count` (the batch plan depends on the data size)."""
+    """Load optimizer (under DeepSpeed: this rank's shard, with the engine), scheduler (None: none) and this rank's
+    RNG state from a checkpoint; return its train_state. With `count_key`, the saved train_state[count_key] must
+    equal `count` (the batch plan depends on the data size). Nothing is unpickled: our state is JSON +
+    safetensors, DeepSpeed's shards are read with weights_only and an allow-list (common/safestate.py)."""
     ckpt_dir = Path(ckpt_dir)
     state = load_checkpoint_state(ckpt_dir)
     engine, shards = deepspeed_engine(accelerator), ckpt_dir / DEEPSPEED_DIR
     if engine is not None and not shards.is_dir():
-        raise ValueError(f"{ckpt_dir}: written without DeepSpeed (its optimizer state is in {STATE_FILE}); resume "
+        raise RunRefused(f"{ckpt_dir}: written without DeepSpeed (its optimizer state is in {STATE_FILE}); resume "
                          f"with the accelerate config it was written with, or start a new run from "
                          f"{ckpt_dir / 'model'}")
     if engine is None and state["optimizer"] is None:
-        raise ValueError(f"{ckpt_dir}: written under DeepSpeed ZeRO (sharded optimizer state in {DEEPSPEED_DIR}/); "
+        raise RunRefused(f"{ckpt_dir}: written under DeepSpeed ZeRO (sharded optimizer state in {DEEPSPEED_DIR}/); "
                          f"resume with the same DeepSpeed accelerate config and number of processes")
     rngs = state["rng_states"]
     if len(rngs) != accelerator.num_processes:
-        raise ValueError(f"{ckpt_dir}: saved by {len(rngs)} ranks, resuming with {accelerator.num_processes}; "
+        raise RunRefused(f"{ckpt_dir}: saved by {len(rngs)} ranks, resuming with {accelerator.num_processes}; "
                          f"resume with the same number of processes")
     ts = state["train_state"]
     if count_key is not None and ts[count_key] != count:
         what = count_key.removeprefix("n_")
-        raise ValueError(f"{ckpt_dir}: saved with {ts[count_key]} {what}, the data now gives {count}; "
+        raise RunRefused(f"{ckpt_dir}: saved with {ts[count_key]} {what}, the data now gives {count}; "
                          f"resume with the same data and seq_len or use a new output_dir")
     if engine is not None:
         saved = json.loads((shards / ZERO_FILE).read_text())["zero_stage"]
         if saved != engine.zero_optimization_stage():
-            raise ValueError(f"{ckpt_dir}: written under ZeRO-{saved}, resuming under "
+            raise RunRefused(f"{ckpt_dir}: written under ZeRO-{saved}, resuming under "
                              f"ZeRO-{engine.zero_optimization_stage()}; resume with the same DeepSpeed config")
-        loaded, _ = engine.load_checkpoint(str(shards), tag=DEEPSPEED_TAG, load_optimizer_states=True,
-                                           load_lr_scheduler_states=False)
+        loaded = load_deepspeed_shards(engine, shards)
         if loaded is None:
-            raise ValueError(f"{shards}: DeepSpeed could not load this checkpoint (see its log above)")
+            raise RunRefused(f"{shards}: DeepSpeed could not load this checkpoint (see its log above)")
     else:
         optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
     set_rng_state(rngs[accelerator.process_index])
     return ts
 
 
-def begin_run(c):
-    """Phase 1 of every trainer: the accelerator, the run folder and its checkpoint root, the checkpoint to resume
-    from (None: a fresh start), and the seeds. `c` has precision, grad_accum_steps, micro_batch_size_per_rank,
-    output_dir, resume and seed. Returns (acc, out, world_size, rank, ckpt_root, resume_dir)."""
+def load_deepspeed_shards(engine, shards: Path):
+    """engine.load_checkpoint with the engine's file reader swapped for common.safestate.safe_torch_load: DeepSpeed
+    itself calls torch.load(weights_only=False) on every shard (a pickle), which would run a planted payload."""
+    from common.safestate import safe_torch_load
+
+    reader = engine.checkpoint_engine
+    reader.load = lambda path, map_location=None: safe_torch_load(path, map_location=map_location)
+    try:
+        loaded, _ = engine.load_checkpoint(str(shards), tag=DEEPSPEED_TAG, load_optimizer_states=True,
+                                           load_lr_scheduler_states=False)
+    finally:
+        del reader.load  # the instance attribute shadowed the class's method
+    return loaded
+
+
+def begin_run(c, kind: str):
+    """Phase 1 of every trainer: the accelerator, then the run folder (common.run.open_run: lock, sweep of stale
+    temporaries, run id, config check, resume point), then the seeds. `c` has precision, grad_accum_steps,
+    micro_batch_size_per_rank, output_dir, resume and seed. Returns (acc, run: common.run.RunDir); raises
+    RunRefused / RunFinished / RunIOError (common.run.run_main prints them in one line)."""
     import random
 
     import numpy as np
 
-    from common.checkpoint import latest_checkpoint
+    from common.run import open_run
 
     acc = make_accelerator(c.precision, c.grad_accum_steps, c.micro_batch_size_per_rank)
-    out = Path(c.output_dir)
-    ckpt_root = out / "checkpoints"
-    resume_dir = latest_checkpoint(ckpt_root) if c.resume else None
+    run = open_run(acc, c, kind)
     random.seed(c.seed), np.random.seed(c.seed), torch.manual_seed(c.seed)
-    return acc, out, acc.num_processes, acc.process_index, ckpt_root, resume_dir
+    return acc, run
 
 
 def gather_lists(accelerator, local: list) -> list:

@@ -22,7 +22,7 @@ Each turn therefore has five parts: `<|im_start|>`, the header `{role}\\n`, the 
 are atomic added tokens, so a tokenizer never merges across them), each text piece is tokenised with character
 offsets, and each token is assigned to the header or the body by its offsets. Tests prove that the ids equal
 tokenising the whole rendered string, so the mask is emitted while rendering and can never drift from the ids
-(PITFALLS.md #4).
+(docs/PITFALLS.md#chat-template-and-loss-masks).
 
 Header/body boundary: the Qwen2 split regex has the alternative `\\s*[\\r\\n]+`, so when the body starts with
 whitespace that contains a newline (e.g. "\\nHi" or "  \\nHi"), the header's "\\n" and the body's leading whitespace

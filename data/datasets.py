@@ -43,6 +43,7 @@ from data.chatml import (
     tokenize_chat,
     tokenize_response,
 )
+from common.config import InputError
 from data.validate import IDENTICAL_REPLIES, escape_strings, join_reply, replies_identical
 
 KINDS = ("sft", "preference", "unpaired", "prompt", "text")
@@ -229,14 +230,20 @@ def _read_table(path: str) -> list[tuple[str, dict]]:
     """Rows of a Parquet/Arrow file or a saved HF dataset folder, via `datasets` (imported lazily: it is slow)."""
     import datasets
 
-    if os.path.isdir(path):
-        ds = datasets.load_from_disk(path)
-        if isinstance(ds, datasets.DatasetDict):
-            raise ValueError(f"{path}: holds splits {list(ds)}; pass the folder of one split")
-    elif path.endswith(".parquet"):
-        ds = datasets.Dataset.from_parquet(path)
-    else:
-        ds = datasets.Dataset.from_file(path)
+    try:
+        if os.path.isdir(path):
+            ds = datasets.load_from_disk(path)
+            if isinstance(ds, datasets.DatasetDict):
+                raise InputError(f"{path}: holds splits {list(ds)}; pass the folder of one split")
+        elif path.endswith(".parquet"):
+            ds = datasets.Dataset.from_parquet(path)
+        else:
+            ds = datasets.Dataset.from_file(path)
+    except InputError:
+        raise
+    except Exception as e:  # pyarrow / datasets raise many types for a broken or foreign file
+        raise InputError(f"{path}: cannot read it as a dataset table ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
     return [(f"{path} row {i}", row) for i, row in enumerate(ds.to_list())]
 
 
@@ -246,34 +253,79 @@ def _read_json(path: str) -> list[tuple[str, dict]]:
     rows = []
     for where, obj, error in read_rows(path):
         if error is not None:
-            raise ValueError(f"{where}: {error}")
+            raise InputError(f"{where}: {error}")
         rows.append((where, obj))
     return rows
+
+
+# What each kind looks like and which entry point reads it: said when a file of one kind is given for another.
+_SHAPES = {"sft": "conversations {'messages': [...]} (align/sft.py)",
+           "preference": "pairs {'prompt', 'chosen', 'rejected'} (align/dpo.py, align/kto.py, reward/train.py)",
+           "unpaired": "rated replies {'prompt', 'completion', 'label'} (align/kto.py)",
+           "prompt": "prompts {'prompt': [...]} (align/ppo.py prompt_files)",
+           "text": "plain text {'text': ...} (pretraining: align/sft.py data_kind text, align/ppo.py pretrain_files)"}
+
+
+def _kind_hint(rec, kind: str) -> str:
+    """When the first record of a file looks like another kind than the one asked for: say which, and who reads it."""
+    found = detect_kind(rec)
+    if found is None or found == kind:
+        return ""
+    return f"; the file looks like {_SHAPES[found]}, but {kind} records are needed here: {_SHAPES[kind]}"
+
+
+_CHECKED: dict[tuple, tuple[list[dict], str]] = {}  # filled by check_records, taken (once) by load_records
+
+
+def _file_key(path: str, kind: str | None) -> tuple | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return os.path.abspath(path), kind, st.st_size, st.st_mtime_ns
+
+
+def check_records(path: str | os.PathLike, kind: str | None = None) -> tuple[list[dict], str]:
+    """load_records at start-up, before any model is loaded, so a bad file fails in seconds. The next
+    load_records of the same unchanged file (path, kind, size, modification time) takes this result instead of
+    reading the file again; it is handed out once, so nothing stays in memory after the trainer has read it."""
+    out = load_records(path, kind)
+    key = _file_key(str(path), kind)
+    if key is not None:
+        _CHECKED[key] = out
+    return out
 
 
 def load_records(path: str | os.PathLike, kind: str | None = None) -> tuple[list[dict], str]:
     """Read .jsonl/.json (optionally .gz), .parquet, .arrow or a saved HF dataset folder; validate every record.
 
-    `kind` defaults to the kind of the first record (detect_kind). Errors name the file and line/row. Every record
-    goes through prepare_record: escaped, joined, and skipped (counted on stderr) when no trainer can use it.
+    `kind` defaults to the kind of the first record (detect_kind). Errors are InputError naming the file and
+    line/row. Every record goes through prepare_record: escaped, joined, and skipped (counted on stderr) when no
+    trainer can use it.
     """
     path = str(path)
+    hit = _CHECKED.pop(_file_key(path, kind), None)
+    if hit is not None:
+        return list(hit[0]), hit[1]
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such file or folder")
+        raise InputError(f"{path}: no such file or folder")
     if kind is not None and kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     rows = _read_table(path) if os.path.isdir(path) or path.endswith((".parquet", ".arrow")) else _read_json(path)
     if not rows:
-        raise ValueError(f"{path}: no records")
+        raise InputError(f"{path}: no records")
     if kind is None:
         kind = detect_kind(rows[0][1])
         if kind is None:
             keys = sorted(rows[0][1]) if isinstance(rows[0][1], dict) else type(rows[0][1]).__name__
-            raise ValueError(f"{rows[0][0]}: cannot tell the record kind from keys {keys}; expected one of "
+            raise InputError(f"{rows[0][0]}: cannot tell the record kind from keys {keys}; expected one of "
                              f"messages | prompt+chosen+rejected | prompt+completion+label | prompt | text")
     records, skipped = [], Counter()
-    for where, rec in rows:
-        rec, reason = prepare_record(rec, kind, where)
+    for i, (where, rec) in enumerate(rows):
+        try:
+            rec, reason = prepare_record(rec, kind, where)
+        except ValueError as e:
+            raise InputError(str(e) + (_kind_hint(rec, kind) if i == 0 else "")) from None
         if reason:
             skipped[reason] += 1
         else:
@@ -282,7 +334,7 @@ def load_records(path: str | os.PathLike, kind: str | None = None) -> tuple[list
         reasons = ", ".join(f"{r}: {n}" for r, n in sorted(skipped.items()))
         print(f"{path}: skipped {sum(skipped.values())} of {len(rows)} records ({reasons})", file=sys.stderr)
     if not records:
-        raise ValueError(f"{path}: none of its {len(rows)} records can be used ({reasons})")
+        raise InputError(f"{path}: none of its {len(rows)} records can be used ({reasons})")
     return records, kind
 
 

@@ -19,6 +19,8 @@ clean in-domain ones, then PPO with pretraining-text mixing, here also DPO): the
 (about a third earn the closing bonus, some are off-language or off-topic), so PPO/DPO have room to raise the mean.
 PMP pairs are many, 25% label-flipped and from a shifted distribution (other phrasing, mostly en/Simplified, no
 Simplified-for-Traditional mistakes), so a PMP reward model is above chance in-domain and finetuning beats it.
+Thumbs ratings (KTO) are single SFT-style replies rated up or down by a noisy rater of the true reward, with more
+ups than downs, in the format `python -m data.feedback` writes (unpaired.jsonl).
 
     python -m data.demo --out data/demo     # regenerate the shipped files (deterministic, byte for byte)
     python -m data.demo --check             # regenerate into a temp dir, compare with data/demo, exit 1 on a difference
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import re
 import sys
@@ -72,6 +75,8 @@ PMP_LANGS = {"zh-Hans": 0.45, "zh-Hant": 0.05, "en": 0.50}
 P_SYSTEM, P_MULTI_TURN = 0.15, 0.15
 PMP_FLIP = 0.25  # fraction of PMP labels flipped (noisy public comparisons)
 RM_MARGIN, PMP_MARGIN = 0.5, 0.25  # minimum true-reward gap of a kept pair
+RATER_THRESHOLD, RATER_TEMPERATURE = 2.0, 0.25  # thumbs up with probability sigmoid((reward - 2) / 0.25)
+DOWN_KEPT = 0.5  # raters leave a thumbs-down half as often as they feel one (they regenerate instead)
 
 
 def pick_lang(rng: random.Random, weights: dict[str, float]) -> str:
@@ -200,6 +205,28 @@ def build_pairs(n: int, rng: random.Random, style: ReplyStyle, langs: dict, spli
     return records
 
 
+def rater_up_probability(reward: float) -> float:
+    """The simulated rater's chance of a thumbs-up: a logistic curve around RATER_THRESHOLD. A reply in the right
+    language and on topic but without the closing (2.0) is a coin flip, with it (2.5) 88% up; off-language or
+    off-topic replies (<= 1.5) are up at most 12% of the time."""
+    return 1.0 / (1.0 + math.exp(-(reward - RATER_THRESHOLD) / RATER_TEMPERATURE))
+
+
+def build_ratings(n: int, rng: random.Random) -> list[dict]:
+    """Thumbs up/down on single SFT-style replies to training prompts, in data.feedback's unpaired.jsonl format
+    {"prompt": [msgs], "completion": [assistant msg], "label": bool}: a noisy rater (rater_up_probability), and only
+    DOWN_KEPT of the thumbs-downs are given, so ups outnumber downs about 2:1 (class imbalance for KTO's weights)."""
+    records = []
+    while len(records) < n:
+        lang = pick_lang(rng, IN_DOMAIN_LANGS)
+        prompt, topic = sample_prompt(rng, lang, "train")
+        reply = make_reply(rng, lang, topic, SFT_STYLE)
+        up = rng.random() < rater_up_probability(true_reward(prompt, reply))
+        if up or rng.random() < DOWN_KEPT:
+            records.append({"prompt": prompt, "completion": [{"role": "assistant", "content": reply}], "label": up})
+    return records
+
+
 def make_doc(rng: random.Random, lang: str) -> str:
     """One pretraining document: sentences about one or two topics, sometimes a question/answer exchange."""
     en = lang == "en"
@@ -269,6 +296,16 @@ def record_stats(records: list[dict]) -> dict[str, float]:
                 "down": sum(r < 0 for _, _, r in rated),
                 "mean_true_reward_up": _mean([true_reward(p, c) for p, c, r in rated if r > 0]),
                 "mean_true_reward_down": _mean([true_reward(p, c) for p, c, r in rated if r < 0])}
+    if "label" in first:
+        rated = [(r["prompt"], r["completion"][0]["content"], r["label"]) for r in records]
+        parts = [(reward_parts(p, c), up) for p, c, up in rated]
+        off = [(p["total"] > RATER_THRESHOLD) == up for p, up in parts if p["total"] != RATER_THRESHOLD]
+        return {"records": len(records), "up": sum(up for *_, up in rated), "down": sum(not up for *_, up in rated),
+                "mean_true_reward_up": _mean([p["total"] for p, up in parts if up]),
+                "mean_true_reward_down": _mean([p["total"] for p, up in parts if not up]),
+                "rate_closing_up": _mean([p["closing"] != 0 for p, up in parts if up]),
+                "rate_closing_down": _mean([p["closing"] != 0 for p, up in parts if not up]),
+                "agreement_with_noiseless_rater": _mean(off)}
     if "messages" in first:
         parts = [reward_parts(r["messages"][:-1], r["messages"][-1]["content"]) for r in records]
         langs = [detect_language(r["messages"][-2]["content"]) for r in records]
@@ -305,6 +342,8 @@ FILES = {
     "rm_train.jsonl": "clean in-domain comparisons (chosen beats rejected by >= 0.5 true reward): RM finetuning, DPO",
     "rm_test.jsonl": "clean in-domain comparisons on held-out user texts: reward-model accuracy",
     "feedback_openwebui.json": "Open WebUI feedback export (arena siblings rated +1/-1 by true reward, single ratings)",
+    "kto_train.jsonl": "thumbs up/down on single SFT-style replies {prompt, completion, label} (data.feedback's "
+                       "unpaired.jsonl format): a noisy rater of the true reward, about 2 ups per down; KTO",
 }
 
 
@@ -324,6 +363,7 @@ def build_all() -> dict[str, list[dict]]:
         "rm_train.jsonl": build_pairs(1500, rng(7), RM_STYLE, IN_DOMAIN_LANGS, "train", RM_MARGIN),
         "rm_test.jsonl": build_pairs(500, rng(8), RM_STYLE, IN_DOMAIN_LANGS, "heldout", RM_MARGIN),
         "feedback_openwebui.json": build_feedback(40, 20, rng(9)),
+        "kto_train.jsonl": build_ratings(1500, rng(10)),
     }
 
 
@@ -365,6 +405,14 @@ Language and topic come from the prompt's last user message.
 
 ## Measured (mean true reward; `rate_*` = share of SFT replies earning that term)
 {details}
+
+## Thumbs ratings (`kto_train.jsonl`)
+One SFT-style reply per training prompt, rated by a simulated user: thumbs-up with probability
+sigmoid((true reward - {RATER_THRESHOLD}) / {RATER_TEMPERATURE}) (a right-language, on-topic reply without the closing
+is a coin flip, with it 88% up, off-language or off-topic at most 12%), and only {DOWN_KEPT:.0%} of the thumbs-downs
+are given (users regenerate instead), so the classes are imbalanced. `agreement_with_noiseless_rater` is the share of
+labels equal to "true reward > {RATER_THRESHOLD}" (replies exactly at {RATER_THRESHOLD} left out). There are no pairs:
+KTO learns from these labels alone.
 
 The story later stages show: a reward model pretrained on `pmp.jsonl` is above chance on `rm_test.jsonl` (the PMP
 data is informative, but noisy and shifted: other phrasing, few Traditional prompts, no Simplified-for-Traditional

@@ -18,12 +18,12 @@ valid but nothing written uses it, with one reason (a tie, "pairs: duplicate", .
 read or parsed, with file:line (or file[index] and its id). Rows removed by cleaning are also counted by output.
 
 Exit status: 0 written; 2 written, but an input could not be read (entirely or to its end), named on stderr;
-1 nothing written: a usage error, --on-error stop hit a bad record, nothing was kept, or --out cannot be written.
+1 nothing written: --on-error stop hit a bad record, nothing was kept, or --out cannot be written. A usage error
+(unknown flag, bad value) is one `config error:` line and exit status 2, before anything is read.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from collections import Counter
@@ -32,6 +32,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from common.config import ArgumentParser
 from data.clean import CleanConfig, Decontaminator, clean_records, strings_in
 from data.datasets import prepare_record
 from data.formats import PARSERS, Parsed, parse_rows
@@ -302,9 +303,9 @@ def summary(report: dict, out_dir: str | None) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> FeedbackConfig:
-    ap = argparse.ArgumentParser(prog="python -m data.feedback", description=__doc__.split("\n\n")[0],
-                                 epilog="Exit status: 0 written; 2 written, but an input could not be read; 1 nothing "
-                                        "written.")
+    ap = ArgumentParser(prog="python -m data.feedback", description=__doc__.split("\n\n")[0],
+                        epilog="Exit status: 0 written; 2 written, but an input could not be read (or a usage "
+                               "error: one `config error:` line, nothing done); 1 nothing written.")
     ap.add_argument("inputs", nargs="+", metavar="INPUT")
     ap.add_argument("--out", required=True, metavar="DIR")
     ap.add_argument("--format", default="auto", choices=["auto", *PARSERS])

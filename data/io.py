@@ -18,15 +18,12 @@ from collections.abc import Iterable, Iterator
 from typing import IO, Any
 
 from common.atomic import atomic_open  # noqa: F401  (the one atomic writer; re-exported for data/ users)
+from common.config import InputError  # noqa: F401  (bad input: names the file, line or record; re-exported)
 
 DEFAULT_MAX_LINE_BYTES = 16 * 2**20  # a 16 MiB JSONL line is far beyond any real chat; larger is a broken export
 _BLOCK = 2**20
 _UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
 _ESCAPED_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
-
-
-class InputError(ValueError):
-    """Bad input; the message names the file, line or record and what is wrong."""
 
 
 class FileError(str):

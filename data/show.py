@@ -8,9 +8,9 @@ prompt are the learned part; prompt records learn nothing; text records learn ev
 
 from __future__ import annotations
 
-import argparse
 import sys
 
+from common.config import ArgumentParser, ConfigError, InputError, error_text
 from data.chatml import ENDOFTEXT, MASK_STRATEGIES, special_id, tokenize_chat, tokenize_response
 from data.tokenizer import load_tokenizer
 from data.datasets import (
@@ -64,7 +64,7 @@ def highlight(tok, ids: list[int], loss_mask: list[int], color: bool) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data.show", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m data.show", description=__doc__.split("\n\n")[0])
     parser.add_argument("file", help=".jsonl/.json(.gz), .parquet, .arrow or a saved HF dataset folder")
     parser.add_argument("--index", type=int, default=0, help="which record (0-based)")
     parser.add_argument("--tokenizer", default="qwen2", help="qwen2, small, or a tokenizer folder")
@@ -75,11 +75,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         records, kind = load_records(args.file, kind=args.kind)
         if not 0 <= args.index < len(records):
-            raise ValueError(f"{args.file} has {len(records)} records; --index {args.index} is out of range")
-        tok = load_tokenizer(args.tokenizer)
-        seqs = sequences(records[args.index], kind, tok, args.mask)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+            raise ConfigError(f"{args.file} has {len(records)} records; --index {args.index} is out of range")
+        try:
+            tok = load_tokenizer(args.tokenizer)
+        except ValueError as e:
+            raise ConfigError(f"--tokenizer: {e}") from None
+        try:
+            seqs = sequences(records[args.index], kind, tok, args.mask)
+        except ValueError as e:
+            raise InputError(f"{args.file} record {args.index}: {e}") from None
+    except (ConfigError, InputError) as e:
+        print(error_text(e), file=sys.stderr)  # one paragraph, exit status 2
         return 2
     color = sys.stdout.isatty()
     print(f"{args.file} record {args.index} ({kind}), tokenizer {args.tokenizer}")

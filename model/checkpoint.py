@@ -82,8 +82,14 @@ def config_to_hf(cfg: QwenConfig, dtype: torch.dtype = torch.float32, task: str 
             d.pop(k)  # keep config.json plain Qwen2/Qwen3 unless an extension is on
     if cfg.model_type == "qwen3":
         d["attention_bias"] = False
+    # transformers_version, as save_pretrained writes it: without it transformers 5.x takes a folder holding a
+    # config.json for a possible Mistral one and warns on every tokenizer load of "an incorrect regex pattern"
+    # (transformers#42591), though a Qwen tokenizer is not affected.
+    from importlib.metadata import version
+
     return {"architectures": [hf_architecture(cfg, task)], "hidden_act": "silu",
-            "dtype": str(dtype).removeprefix("torch."), "initializer_range": 0.02, "use_cache": True, **d}
+            "dtype": str(dtype).removeprefix("torch."), "initializer_range": 0.02, "use_cache": True, **d,
+            "transformers_version": version("transformers")}
 
 
 def read_config(path: str | os.PathLike) -> QwenConfig:

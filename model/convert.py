@@ -16,7 +16,9 @@ import sys
 
 import torch
 
-from model.checkpoint import load_causal_lm, save_causal_lm
+from common.config import ArgumentParser, ConfigError, user_errors
+from common.preflight import check_model_folder, check_output_dir
+from model.checkpoint import load_causal_lm, read_config, save_causal_lm
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 def _flag(s: str) -> bool:
@@ -37,8 +39,11 @@ def parse_sets(items: list[str]) -> dict:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or key not in EXTENSIONS:
-            raise SystemExit(f"--set {item!r}: expected KEY=VALUE with KEY one of {sorted(EXTENSIONS)}")
-        out[key] = EXTENSIONS[key](value)
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE with KEY one of {sorted(EXTENSIONS)}")
+        try:
+            out[key] = EXTENSIONS[key](value)
+        except ValueError:
+            raise ConfigError(f"--set {item!r}: {value!r} is not a valid {key}") from None
     return out
 
 
@@ -54,7 +59,8 @@ def check_against_transformers(model, path, tol: float) -> float:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(prog="python -m model.convert", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("src")
     ap.add_argument("dst")
     ap.add_argument("--to", choices=["hf", "custom"], required=True)
@@ -62,14 +68,20 @@ def main(argv=None):
     ap.add_argument("--set", action="append", default=[], help="context-extension field for --to custom")
     ap.add_argument("--check", action="store_true", help="compare logits with transformers after --to hf")
     args = ap.parse_args(argv)
-    sets = parse_sets(args.set)
-    if args.to == "hf" and sets:
-        raise SystemExit("--set applies to --to custom only")
-    model = load_causal_lm(args.src, **sets)
-    if args.to == "hf" and model.config.extends_context:
-        raise SystemExit(f"{args.src}: context extension is on (ntk_factor/use_dynamic_ntk/use_logn_attn/"
-                         "layer_windows); "
-                         "transformers and vLLM cannot reproduce it. Convert with those off.")
+    with user_errors():  # a usage or folder mistake: one paragraph, exit status 2
+        sets = parse_sets(args.set)
+        if args.to == "hf" and sets:
+            raise ConfigError("--set applies to --to custom only")
+        check_model_folder(args.src, "SRC")
+        check_output_dir(args.dst, "DST")
+        try:
+            read_config(args.src)
+        except ValueError as e:  # an architecture the custom model cannot reproduce
+            raise ConfigError(str(e)) from None
+        model = load_causal_lm(args.src, **sets)
+        if args.to == "hf" and model.config.extends_context:
+            raise ConfigError(f"{args.src}: context extension is on (ntk_factor/use_dynamic_ntk/use_logn_attn/"
+                              "layer_windows); transformers and vLLM cannot reproduce it. Convert with those off.")
     if args.dtype:
         model = model.to(DTYPES[args.dtype])
     save_causal_lm(model, args.dst)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from common.atomic import atomic_dir
+from common.config import ConfigError
 from model.checkpoint import check_keys, config_to_hf, read_config, read_state_dict, write_weights
 from model.qwen import MODEL_TYPES, QwenConfig, QwenModel
 
@@ -195,3 +196,41 @@ def load_scalar_head(path, impl: str = "auto", dtype: torch.dtype = torch.float3
         raise ValueError(f"model_impl must be 'custom', 'hf' or 'auto', got {impl!r}")
     cls = ScalarHeadModel if impl == "custom" else HFScalarHeadModel
     return cls.from_pretrained(path, dtype=dtype, head_seed=head_seed)
+
+
+def check_scalar_head_folder(path: str | Path, name: str = "reward_path") -> None:
+    """Refuse a folder that is not a scalar-head model with its head saved: a reward model written by reward/train.py
+    (or any Hugging Face `*ForSequenceClassification` folder with one label and a `score.weight`). A causal LM would
+    load with a fresh random head (ScalarHeadModel.from_pretrained does that on purpose for PMP's start), and PPO
+    would then train against noise."""
+    path = Path(path)
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{name} {path}: no readable config.json ({e})") from None
+    archs = cfg.get("architectures") or []
+    keys = _weight_names(path)
+    how = (f"train one with `python reward/train.py --config configs/reward_pmp.yaml --model_path {path}`, then "
+           f"configs/reward_ft.yaml, and pass its final/ folder")
+    if not any(a.endswith("ForSequenceClassification") for a in archs) or "score.weight" not in keys:
+        kind = ", ".join(archs) or cfg.get("model_type", "unknown")
+        raise ConfigError(f"{name} {path} is not a reward model ({kind}, no trained score head): PPO would read scores "
+                         f"from a random head and train against noise; {how}")
+    n_labels = cfg.get("num_labels", len(cfg.get("id2label") or {}) or 1)
+    if n_labels != 1:
+        raise ConfigError(f"{name} {path}: a classifier with {n_labels} labels, not a reward model with one score; "
+                         f"{how}")
+
+
+def _weight_names(path: Path) -> set[str]:
+    """Tensor names of a safetensors folder, from the headers only."""
+    from safetensors import safe_open
+
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        return set(json.loads(index.read_text())["weight_map"])
+    names = set()
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            names |= set(st.keys())
+    return names

@@ -2,7 +2,8 @@
 
 With V = 151,936 the logits are the largest activation of SFT, DPO and PPO: (B, T, V) in fp32 is 2.4 GB for
 B*T = 4096. `token_logprobs` never holds them: the forward keeps only a log-sum-exp per row, and the backward
-recomputes one chunk of logits at a time (PITFALLS 9). Values and gradients equal `log_softmax(...).gather(...)`.
+recomputes one chunk of logits at a time (docs/PITFALLS.md#logits-memory). Values and gradients equal
+`log_softmax(...).gather(...)`.
 """
 
 from __future__ import annotations
@@ -202,7 +203,7 @@ def token_logprobs(hidden, weight, labels, temperature: float = 1.0, chunk_size:
     hidden (B, T, H) or (N, H); weight (V, H); labels of the same leading shape; positions whose label is
     IGNORE_INDEX give 0. Returns logp in fp32 with the leading shape, and the entropy of each row's distribution
     (no gradient) when return_entropy, 0 where the label is IGNORE_INDEX (those positions are skipped). Divide by
-    the SAME temperature the sampler used (PITFALLS 7).
+    the SAME temperature the sampler used (docs/PITFALLS.md#sampler-log-probs).
     """
     lead = labels.shape
     rows, h, lab = _labelled_rows(hidden, labels)

@@ -7,7 +7,8 @@ Rows are models, columns datasets, cells accuracy % (share of pairs where r(chos
 column. Also reports length bias: how often the human-chosen reply is the longer one, and how often each model
 scores the longer reply higher. Writes bench.json and bench.png (atomically) into --out_dir.
 Data files may be in any preference format the data layer reads (TRL prompt/chosen/rejected, HH-RLHF dialogues,
-UltraFeedback, SHP, arena, ...). Each model is scored with the tokenizer saved in its folder (PITFALLS 6).
+UltraFeedback, SHP, arena, ...). Each model is scored with the tokenizer saved in its folder
+(docs/PITFALLS.md#tokenizer-mismatch).
 """
 
 from __future__ import annotations
@@ -22,14 +23,16 @@ from typing import Optional
 import torch
 
 from common.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
-from common.config import ConfigError, cfg, parse_config
+from common.config import ConfigError, InputError, cfg, parse_config, user_errors
 from reward.model import load_reward_model, load_tokenizer, reward_token_id, score_pairs
 
 
 @dataclass
 class BenchConfig:
-    model: list[str] = cfg([], "NAME=PATH of a reward-model folder (repeat the flag for several models)")
-    data: list[str] = cfg([], "NAME=PATH of a preference file in any format the data layer reads (repeatable)")
+    model: list[str] = cfg([], "NAME=PATH of a reward-model folder (repeat the flag for several models)",
+                           required=True)
+    data: list[str] = cfg([], "NAME=PATH of a preference file in any format the data layer reads (repeatable)",
+                          required=True)
     tokenizer: str = cfg("auto", "'auto' = the tokenizer saved in each model folder; else qwen2, small or a folder")
     max_len: int = cfg(2048, "longest prompt + response in tokens; longer prompts are cut from the left")
     max_pairs: Optional[int] = cfg(None, "score only the first N pairs of each dataset (quick looks)")
@@ -57,26 +60,38 @@ def split_named(item: str, what: str) -> tuple[str, str]:
 
 def load_pairs(path: str) -> tuple[list[dict], dict]:
     """Canonical {prompt, chosen, rejected} records from any preference export, and counts of what was skipped."""
+    from data.datasets import prepare_record
     from data.formats import parse_rows
-    from data.io import read_rows
+    from data.io import FileError, read_rows
 
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such file")
+        raise InputError(f"{path}: no such file")
     if os.path.isdir(path) or path.endswith((".parquet", ".arrow")):
         from data.datasets import load_records
 
         return load_records(path, kind="preference")[0], {"malformed": 0, "dropped": 0}
     rows, errors = [], []
     for where, obj, err in read_rows(path):
+        if isinstance(err, FileError):  # the whole file: missing, empty, not JSON
+            raise InputError(f"{where}: {err}")
         (errors.append(f"{where}: {err}") if err else rows.append((where, obj)))
     pairs, dropped = [], 0
     for _, parsed in parse_rows(rows, "auto"):
         if parsed.error:
             errors.append(f"{parsed.where}: {parsed.error}")
-        pairs += parsed.pairs
         dropped += len(parsed.dropped)
+        for pair in parsed.pairs:  # the trainers' validation (escaping, joined replies, identical replies dropped)
+            try:
+                rec, reason = prepare_record(pair, "preference", parsed.where)
+            except ValueError as e:
+                errors.append(str(e))
+                continue
+            if reason is None:
+                pairs.append(rec)
+            else:
+                dropped += 1
     if not pairs:
-        raise ValueError(f"{path}: no preference pairs found" + (f"; first error: {errors[0]}" if errors else ""))
+        raise InputError(f"{path}: no preference pairs found" + (f"; first error: {errors[0]}" if errors else ""))
     if errors:
         print(f"[bench] {path}: skipped {len(errors)} malformed records, first: {errors[0]}", file=sys.stderr)
     return pairs, {"malformed": len(errors), "dropped": dropped}
@@ -106,9 +121,13 @@ def model_tokenizer(model_path: str, choice: str):
 
 def run(c: BenchConfig) -> dict:
     """Score every model on every dataset; returns the JSON-able results."""
+    from common.preflight import check_model_folder, check_output_dir
     from data.datasets import build_preference_examples
     from data.tokenizer import tokenizer_fingerprint
 
+    check_output_dir(c.out_dir, "out_dir")  # the checks that need no model first
+    for mname, mpath in (split_named(m, "model") for m in c.model):
+        check_model_folder(mpath, f"--model {mname}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     datasets = {n: load_pairs(p) for n, p in (split_named(d, "data") for d in c.data)}
     results = {"models": {}, "datasets": {}, "config": {"max_len": c.max_len, "max_pairs": c.max_pairs}}
@@ -187,11 +206,9 @@ def plot(results: dict, png: str | Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    try:
+    with user_errors():  # a config or input mistake: one paragraph, exit status 2
         c = parse_config(BenchConfig, sys.argv[1:] if argv is None else argv)
-    except ConfigError as e:
-        raise SystemExit(f"config error: {e}") from None
-    results = run(c)
+        results = run(c)
     out = Path(c.out_dir)
     atomic_write_json(out / "bench.json", results)
     plot(results, out / "bench.png")

@@ -2,7 +2,7 @@
 pooling layer ... based on a specific end token").
 
 The data layer appends <|reward|> to every scored sequence (build_preference_examples(reward_token=True)). The score
-is read exactly there, never at a guessed "last non-pad" position (PITFALLS 5: TRL #3750, reward-bench #137), and
+is read exactly there, never at a guessed "last non-pad" position (docs/PITFALLS.md#reward-position), and
 position ids are counted from the attention mask, so a pair's scores do not depend on batch composition, padding
 side or padding length.
 """

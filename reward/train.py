@@ -26,7 +26,8 @@ from typing import Optional
 
 import torch
 
-from common.config import ConfigError, cfg, parse_config, save_config
+from common.config import ConfigError, cfg
+from common.run import RUN_CONTROL, run_main
 from reward.losses import pairwise_loss
 from reward.model import (STATS_FILE, add_reward_token, fit_embeddings, load_reward_model, load_tokenizer,
                           normalisation_stats, pair_batch, reward_token_id, score, score_pairs)
@@ -35,7 +36,8 @@ from reward.model import (STATS_FILE, add_reward_token, fit_embeddings, load_rew
 @dataclass
 class RewardConfig:
     # --- model ---
-    model_path: str = cfg("", "PMP: the same-size causal-LM folder; finetune: the PMP reward-model folder")
+    model_path: str = cfg("", "PMP: the same-size causal-LM folder; finetune: the PMP reward-model folder",
+                          required=True)
     model_impl: str = cfg("custom", "'custom' = model.qwen (Qwen2/Qwen3 folders), 'hf' = any transformers backbone "
                                     "(AutoModelForSequenceClassification, e.g. Llama, GPT-NeoX, GPT-2)")
     tokenizer: str = cfg("qwen2", "'qwen2', 'small' (tiny test BPE) or a tokenizer folder; <|reward|> is added "
@@ -46,7 +48,8 @@ class RewardConfig:
                                             "rows that move (exact, faster and smaller with a large vocab; ignored "
                                             "under DeepSpeed)")
     # --- data ---
-    train_files: list[str] = cfg([], "preference files (prompt/chosen/rejected JSONL, JSON, parquet, arrow)")
+    train_files: list[str] = cfg([], "preference files (prompt/chosen/rejected JSONL, JSON, parquet, arrow)",
+                                 required=True)
     eval_files: list[str] = cfg([], "held-out preference files: accuracy and margin logged at eval_every and the end")
     norm_files: list[str] = cfg([], "reference set for the score mean/std saved for PPO; empty = eval_files")
     norm_max_pairs: int = cfg(1000, "at most this many reference pairs (their chosen and rejected scores)")
@@ -72,16 +75,17 @@ class RewardConfig:
     eval_batch_size: int = cfg(8, "pairs per forward when evaluating")
     save_every: int = cfg(0, "checkpoint every this many steps; 0 = only at the end")
     keep_last: int = cfg(1, "complete checkpoints kept")
-    resume: bool = cfg(True, "continue from the latest checkpoint in output_dir if there is one")
+    resume: bool = cfg(True, "continue the run in output_dir from its latest checkpoint (the config must match); "
+                             "false: start a new run (refused if output_dir holds one)")
+    overwrite_output_dir: bool = cfg(False, "with resume false: delete the run already in output_dir first")
     stop_at_step: Optional[int] = cfg(None, "checkpoint and stop after this step (time-limited jobs)")
     log_every: int = cfg(1, "log metrics every this many steps")
     seed: int = cfg(0, "seed for the data order and dropout")
 
+    # fields that may change when a run is resumed (when to save, log, evaluate midway or stop)
+    RESUME_MAY_CHANGE = RUN_CONTROL + ("eval_every",)
+
     def validate(self):
-        if not self.model_path:
-            raise ConfigError("model_path is required: the causal LM (PMP) or the PMP reward model (finetune)")
-        if not self.train_files:
-            raise ConfigError("train_files is empty: give at least one preference file")
         if self.model_impl not in ("custom", "hf"):
             raise ConfigError(f"model_impl must be 'custom' or 'hf', got {self.model_impl!r}")
         if self.precision not in ("auto", "bf16", "fp32"):
@@ -114,6 +118,18 @@ def build_pairs(files: list[str], tokenizer, c: RewardConfig) -> tuple[list[dict
     return pairs, "\n".join(reports)
 
 
+def check_start(c: RewardConfig) -> None:
+    """Phase 0, before the accelerator and any model: output_dir, the model folder and every pair file (read and
+    validated once; build_pairs takes the result). A mistake here fails in seconds."""
+    from common.preflight import check_model_folder, check_output_dir
+    from data.datasets import check_records
+
+    check_output_dir(c.output_dir)
+    check_model_folder(c.model_path, "model_path")
+    for path in dict.fromkeys(c.train_files + c.eval_files + c.norm_files):
+        check_records(path, kind="preference")
+
+
 def evaluate(model, pairs: list[dict], pad_id: int, reward_id: int, batch_size: int, device) -> dict[str, float]:
     """Pairwise accuracy and mean margin on held-out pairs (model switched to eval mode and back)."""
     was_training = model.training
@@ -134,26 +150,30 @@ def train(c: RewardConfig) -> list[float]:
     from tqdm.auto import tqdm
 
     from common.guard import check_finite
-    from common.loop import (begin_run, mini_batch_rows, rank_micro_batches, restore_run_state,
-                             save_run_checkpoint, steps_per_epoch)
-    from common.metrics import MetricsLogger
+    from common.loop import (batch_words, begin_run, check_warmup, mini_batch_rows, rank_micro_batches,
+                             restore_run_state, steps_per_epoch)
     from common.optim import build_adamw, clip_grad_norm_, constant_with_warmup
+    from common.preflight import check_vocab
 
-    # 1. accelerator, seed, resume point
-    acc, out, W, rank, ckpt_root, resume_dir = begin_run(c)
+    # 0. checks that need no model (paths, data files): seconds
+    check_start(c)
+
+    # 1. accelerator, run folder (lock, run id, config check, resume point), seed
+    acc, run = begin_run(c, "reward")
+    out, W, rank, resume_dir = run.out, acc.num_processes, acc.process_index, run.resume_dir
 
     # 2. tokenizer and pairs (every rank builds the same list; the batch plan picks each rank's share)
     tokenizer = load_tokenizer(c.tokenizer)
+    check_vocab(tokenizer, c.model_path, "model_path", c.tokenizer)  # config.json, before the model loads
     added = add_reward_token(tokenizer)  # Qwen2/2.5/3's own tokenizers lack it: one new special token
     reward_id = reward_token_id(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     pairs, report = build_pairs(c.train_files, tokenizer, c)
     eval_pairs, eval_report = build_pairs(c.eval_files, tokenizer, c) if c.eval_files else ([], "")
     mini = c.micro_batch_size_per_rank * c.grad_accum_steps * W
-    spe = steps_per_epoch(len(pairs), mini, source=", ".join(c.train_files))
+    spe = steps_per_epoch(len(pairs), mini, source=", ".join(c.train_files), batch=batch_words(c, W))
     total = c.max_steps or c.num_epochs * spe
-    if c.warmup_steps >= total:
-        raise ConfigError(f"warmup_steps ({c.warmup_steps}) must be < the {total} optimizer steps of this run")
+    check_warmup(c.warmup_steps, total)
 
     # 3. model (same-size LM backbone + fresh head, or the PMP model), optimizer, constant schedule
     model = load_reward_model(str(resume_dir / "model") if resume_dir else c.model_path, head_seed=c.head_seed,
@@ -178,21 +198,20 @@ def train(c: RewardConfig) -> list[float]:
         state = restore_run_state(acc, resume_dir, optimizer, scheduler, "n_pairs", len(pairs))
         start = state["step"]
     if acc.is_main_process:
-        save_config(c, out / "config.yaml")
         if vocab_note:
             print(f"[reward] {vocab_note}", flush=True)
         print(f"[reward] {report}\n[reward] eval: {eval_report or 'none'}\n[reward] {len(pairs)} pairs, mini batch "
               f"{mini}, steps {start}->{total}, ranks {W}, precision {acc.mixed_precision}, resume from "
               f"{resume_dir}, model {c.model_path}", flush=True)
-    log = MetricsLogger(out, enabled=acc.is_main_process, resume_step=start if resume_dir else None)
+    log = run.metrics()  # resuming: cut back to the rows logged before the checkpoint (a final eval row too)
     stop = min(total, c.stop_at_step or total)
-    losses, last_ckpt = [], resume_dir
+    losses = []
 
     def checkpoint(step):
         def write_model(d):
             save_reward_model(acc.unwrap_model(model), d, tokenizer)
-        return save_run_checkpoint(acc, ckpt_root, step, write_model, optimizer, scheduler,
-                                   {"step": step, "n_pairs": len(pairs)}, c.keep_last)
+        return run.save(acc, step, write_model, optimizer, scheduler, {"step": step, "n_pairs": len(pairs)},
+                        c.keep_last)
 
     def run_eval(step):
         if eval_pairs:
@@ -221,14 +240,15 @@ def train(c: RewardConfig) -> list[float]:
         loss_val, acc_val, margin_val = (sums[:3] / mini).tolist()
 
         # 6. NaN guard, clip, step, log, checkpoint
-        check_finite(step + 1, {"loss": loss_val}, last_ckpt)
+        check_finite(step + 1, {"loss": loss_val}, run.last_ckpt)
         max_norm = c.grad_clip if c.grad_clip > 0 else math.inf
         grad_norm = clip_grad_norm_(model.parameters(), max_norm) if use_sparse else \
             acc.clip_grad_norm_(model.parameters(), max_norm)
         if grad_norm is not None:  # None under DeepSpeed before its first step (it clips internally)
-            check_finite(step + 1, {"grad_norm": grad_norm}, last_ckpt)
+            check_finite(step + 1, {"grad_norm": grad_norm}, run.last_ckpt)
         lr = scheduler.get_last_lr()[0]
         optimizer.step(), scheduler.step(), optimizer.zero_grad(set_to_none=True)
+        run.check_weights(acc, step + 1, optimizer)
         losses.append(loss_val)
         if (step + 1) % c.log_every == 0 or step + 1 == stop:
             tps = float(sums[3]) / (time.perf_counter() - t0)
@@ -240,16 +260,16 @@ def train(c: RewardConfig) -> list[float]:
         bar.update(1)
         bar.set_postfix(loss=f"{loss_val:.4f}", acc=f"{acc_val:.2f}")
         if (c.save_every and (step + 1) % c.save_every == 0) or step + 1 == stop:
-            last_ckpt = checkpoint(step + 1) or last_ckpt
+            checkpoint(step + 1)
     bar.close()
     if stop == total:
-        finish(c, acc, model, tokenizer, eval_pairs, pad_id, reward_id, log, total, out, run_eval)
+        finish(c, acc, run, model, tokenizer, eval_pairs, pad_id, reward_id, total, out, run_eval)
     log.close()
-    acc.wait_for_everyone()
+    run.end(acc, finished=stop == total)  # waits for every rank; marks the run finished, frees the folder
     return losses
 
 
-def finish(c, acc, model, tokenizer, eval_pairs, pad_id, reward_id, log, total, out, run_eval) -> None:
+def finish(c, acc, run, model, tokenizer, eval_pairs, pad_id, reward_id, total, out, run_eval) -> None:
     """7. final eval, normalisation stats on the reference set, final model folder with reward_stats.json, curves."""
     from common.loop import full_weights
     from common.metrics import plot_metrics
@@ -262,20 +282,18 @@ def finish(c, acc, model, tokenizer, eval_pairs, pad_id, reward_id, log, total, 
     stats = normalisation_stats(torch.cat([rc, rr])) | {"source": c.norm_files or c.eval_files}
     with full_weights(acc):  # ZeRO-3: every rank gathers the weights, the main process writes them
         if acc.is_main_process:
-            save_reward_model(net, out / "final", tokenizer, stats)
+            with run.writing("the final model"):
+                save_reward_model(net, out / "final", tokenizer, stats)
     if acc.is_main_process:
         keys = ["loss", "accuracy"] + (["eval_accuracy"] if eval_pairs else [])
-        plot_metrics(out / "metrics.jsonl", out / "curves.png", keys, title=f"reward model: {out.name}")
+        with run.writing("the curves"):
+            plot_metrics(out / "metrics.jsonl", out / "curves.png", keys, title=f"reward model: {out.name}")
         print(f"[reward] done: model in {out / 'final'} (score mean {stats['mean']:.4f}, std {stats['std']:.4f}), "
               f"curves in {out / 'curves.png'}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
-    try:
-        config = parse_config(RewardConfig, argv)
-    except ConfigError as e:
-        raise SystemExit(f"config error: {e}") from None
-    train(config)
+    run_main(RewardConfig, train, argv)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 A PPO iteration (Qwen report sec. 3.2.2) samples `n` responses per prompt with top-p, then recomputes every log-prob
 it trains on with the policy itself; the engine's own log-probs are returned only to measure the engine-vs-trainer
-gap (PITFALLS 7). Shape words: N = number of prompts x n rows, P_i / R_i the prompt / response length of row i.
+gap (docs/PITFALLS.md#sampler-log-probs). Shape words: N = number of prompts x n rows, P_i / R_i the prompt /
+response length of row i.
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ cache rows too), so a finished row stops growing and costs nothing.
 
 sampler_logprobs: the log-prob of each sampled token under the distribution it was actually drawn from, i.e.
 log_softmax of (logits / temperature) restricted to the top-p nucleus (renormalised). With top_p=1.0 this equals
-`model.logprobs.token_logprobs(..., temperature)`, the trainer's own log-prob (PITFALLS 7). With temperature 0
-(greedy) it is log_softmax of the raw logits at the argmax, as vLLM reports it.
+`model.logprobs.token_logprobs(..., temperature)`, the trainer's own log-prob (docs/PITFALLS.md#sampler-log-probs).
+With temperature 0 (greedy) it is log_softmax of the raw logits at the argmax, as vLLM reports it.
 """
 
 from __future__ import annotations

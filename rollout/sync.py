@@ -1,4 +1,5 @@
-"""Weight sync helpers and the greedy check that makes every sync verifiable (PITFALLS 1, 2, 3).
+"""Weight sync helpers and the greedy check that makes every sync verifiable (docs/PITFALLS.md: #weight-sync,
+#tied-output-layer, #lora-in-the-sync).
 
 - `full_state_dict(model)`: the policy's weights under Hugging Face Qwen2 / Qwen3 names, ALWAYS with `lm_head.weight`
   (a tied output layer left out stays stale inside vLLM on CPU, with only a log warning), LoRA merged into the base
@@ -54,9 +55,10 @@ def _hf_name(key: str) -> str | None:
 
 def full_state_dict(model, clone: bool = False) -> dict[str, torch.Tensor]:
     """Every weight vLLM's Qwen2 / Qwen3 loader knows (Qwen3: q_norm / k_norm too), detached, `lm_head.weight`
-    included even when tied (PITFALLS 2).
+    included even when tied (docs/PITFALLS.md#tied-output-layer).
 
-    Call inside `merged_lora(model)` for a peft model, so the adapter is folded into the base weights (PITFALLS 3).
+    Call inside `merged_lora(model)` for a peft model, so the adapter is folded into the base weights
+    (docs/PITFALLS.md#lora-in-the-sync).
     clone=True copies the tensors, so the caller may change the model while the copy is being sent.
     """
     base = unwrap(model)
@@ -93,7 +95,7 @@ def merged_lora(model):
 
 def run_with_timeout(fn, timeout_s: float, what: str) -> float:
     """Run fn() in a daemon thread; return its seconds, raise SyncTimeout if it is still running after timeout_s
-    (a hung collective must not hang the trainer: PITFALLS 1), re-raise its error otherwise."""
+    (a hung collective must not hang the trainer: docs/PITFALLS.md#weight-sync), re-raise its error otherwise."""
     box = {}
 
     def target():

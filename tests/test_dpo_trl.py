@@ -12,7 +12,8 @@ import pytest
 import torch
 from numerics import U32, assert_within, causal_lm_logprob_bounds
 
-from align.dpo import SequenceLogprobs, pair_batch
+from align.dpo import pair_batch
+from align.sequences import SequenceLogprobs
 from align.dpo_losses import chosen_nll_loss, ipo_loss, sigmoid_dpo_loss
 from data.chatml import IM_END, render
 from data.datasets import build_preference_examples

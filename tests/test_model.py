@@ -434,8 +434,10 @@ def test_convert_cli_both_ways(tmp_path, capsys):
           "--set", "rope_train_len=64"])
     cfg = json.loads((tmp_path / "ext" / "config.json").read_text())
     assert cfg["use_logn_attn"] is True and cfg["rope_train_len"] == 64 and cfg["model_type"] == "qwen2"
-    with pytest.raises(SystemExit, match="context extension is on"):
+    with pytest.raises(SystemExit) as exit_info:
         main([str(tmp_path / "ext"), str(tmp_path / "back"), "--to", "hf"])
+    assert exit_info.value.code == 2 and "config error: " in (err := capsys.readouterr().err)
+    assert "context extension is on" in err
     main([str(tmp_path / "hf"), str(tmp_path / "plain"), "--to", "hf", "--check"])
     assert "transformers reproduces it" in capsys.readouterr().out
     assert "use_logn_attn" not in json.loads((tmp_path / "plain" / "config.json").read_text())

@@ -65,12 +65,14 @@ def test_recipe_defaults_and_config_errors(world, tmp_path):
         make_config(world, tmp_path, num_mini_batches=3)
     with pytest.raises(ConfigError, match="kl_estimator must be one of"):
         make_config(world, tmp_path, kl_estimator="k2")
-    with pytest.raises(FileNotFoundError, match="align/sft.py --config configs/sft.yaml"):
+    with pytest.raises(ConfigError, match="policy_path .*nowhere: no such folder; create it with `accelerate launch "
+                                          "align/sft.py --config configs/sft.yaml"):
         ppo.train(make_config(world, tmp_path, policy_path=str(tmp_path / "nowhere")))
 
 
 def test_mismatched_tokenizers_are_refused(world, tmp_path, qwen_tok):
-    """PITFALLS 6: a reward model saved with another vocabulary is refused at start-up, before any model loads."""
+    """docs/PITFALLS.md#tokenizer-mismatch: a reward model saved with another vocabulary is refused at start-up,
+    before any model loads."""
     import shutil
 
     shutil.copytree(world / "reward", tmp_path / "reward")
@@ -218,3 +220,65 @@ def test_two_ranks_give_the_same_steps_as_one_process(world, tmp_path):
         wa, wb = _weights(tmp_path / "one" / sub), _weights(tmp_path / "two" / sub)
         for k in wa:
             torch.testing.assert_close(wb[k], wa[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+def test_reward_sequences_render_the_prompts_tools(small_tok, qwen_tok):
+    """Tokenizers differ (re-tokenised path): a prompt with tools is rendered for the reward model with the same tool
+    list the policy's prompt had (data.datasets.build_prompt_examples keeps it), and without them it differs."""
+    from data.chatml import REWARD_TOKEN, special_id, tokenize_chat
+
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city.",
+                                               "parameters": {"type": "object", "properties": {
+                                                   "city": {"type": "string"}}, "required": ["city"]}}}]
+    msgs = [{"role": "user", "content": "Weather in Taipei?"}]
+    reply = small_tok("It is sunny.", add_special_tokens=False)["input_ids"]
+    got = experience.reward_sequences([[1]], [reply], [msgs], small_tok, qwen_tok, False, tools=[tools])
+    want = tokenize_chat(qwen_tok, msgs, mask="none", add_generation_prompt=True, tools=tools).input_ids
+    rid = special_id(qwen_tok, REWARD_TOKEN)
+    assert got == [want + qwen_tok("It is sunny.", add_special_tokens=False)["input_ids"] + [rid]]
+    plain = experience.reward_sequences([[1]], [reply], [msgs], small_tok, qwen_tok, False)
+    assert plain != got and "get_weather" not in qwen_tok.decode(plain[0])
+
+
+@pytest.mark.slow
+def test_grpo_two_ranks_give_the_same_steps_as_one_process(world, tmp_path):
+    """GRPO (KL as a k3 loss, Dr. GRPO's reduction, a reward function beside the reward model, ptx) with 2 gloo ranks
+    vs 1 process: each rank samples and scores half of the prompts (whole groups: a rank's prompts keep their
+    samples together), every rank computes the group advantages on the gathered batch; every logged metric of three
+    steps and the final weights agree, and neither run writes a value model."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from common.metrics import read_jsonl
+
+    (tmp_path / "rewards.py").write_text("def count_e(messages, reply):\n    return float(reply.count('e')) / 4\n")
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    args = [str(repo / "align" / "ppo.py"), "--policy_path", str(world / "policy"), "--reward_path",
+            str(world / "reward"), "--prompt_files", str(world / "prompts.jsonl"), "--pretrain_files",
+            str(world / "pretrain.jsonl"), "--heldout_files", str(world / "heldout.jsonl"), "--ptx_seq_len", "32",
+            "--heldout_rows", "4", "--rollout_batch_prompts", "4", "--samples_per_prompt", "4", "--max_new_tokens",
+            "6", "--micro_batch_size", "2", "--num_mini_batches", "2", "--max_steps", "3", "--policy_lr", "1e-3",
+            "--ptx_coef", "0.5", "--ptx_rows", "2", "--tax_every", "1", "--true_reward", "false", "--advantage",
+            "grpo", "--dr_grpo", "true", "--kl_in", "loss", "--reward_funcs", f"{tmp_path / 'rewards.py'}:count_e",
+            "--reward_model_weight", "0.5", "--save_every", "2"]
+    subprocess.run([sys.executable, *args, "--output_dir", str(tmp_path / "one")], check=True, env=env, cwd=repo)
+    subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                    str(repo / "configs" / "accelerate" / "multi_cpu.yaml"), *args, "--output_dir",
+                    str(tmp_path / "two")], check=True, env=env, cwd=repo)
+    one, two = (read_jsonl(tmp_path / d / "metrics.jsonl") for d in ("one", "two"))
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [0, 1, 2, 3]
+    skip = ("time_", "sync_share", "episodes_per_s")
+    for a, b in zip(one, two):
+        keys = [k for k in a if not k.startswith(skip)]
+        assert keys == [k for k in b if not k.startswith(skip)]
+        for k in keys:
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (a["step"], k)
+    assert {"policy_loss", "kl_loss", "ptx_loss", "rm_score", "score"} <= set(one[1]) and "value_loss" not in one[1]
+    wa, wb = _weights(tmp_path / "one" / "final"), _weights(tmp_path / "two" / "final")
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], atol=1e-5, rtol=1e-4, msg=k)
+    for d in ("one", "two"):
+        assert not list((tmp_path / d / "checkpoints").glob("step-*/value"))

@@ -176,3 +176,98 @@ def test_two_data_parallel_shards_equal_the_whole_batch(reduce, total_of):
     if reduce is token_mean:
         naive = sum(ppo_policy_loss(logp[s], old[s], adv[s], mask[s])[0] for s in (slice(0, 2), slice(2, 4))) / 2
         assert not torch.allclose(naive, full)
+
+
+# ------------------------------------------------------------------------------------------ critic-free estimators
+from align.ppo_losses import (discounted_returns, grpo_advantages, kl_loss, reinforce_pp_advantages,  # noqa: E402
+                              rloo_advantages, sequence_mean_token_sum)
+
+# One prompt, a group of G = 4 replies scored [1, 2, 3, 6], then a second prompt whose 4 replies all score 1.
+SCORES = torch.tensor([1.0, 2.0, 3.0, 6.0, 1.0, 1.0, 1.0, 1.0])
+
+
+def test_grpo_advantages_by_hand():
+    """Group 1: mean 3, deviations [-2, -1, 0, 3], unbiased variance (4 + 1 + 0 + 9) / 3 = 14/3, std 2.160247:
+    GRPO = [-0.925820, -0.462910, 0, 1.388730]. Dr. GRPO (no std): [-2, -1, 0, 3]. Group 2 (all equal): zeros,
+    not 0/0. A batch that is not whole groups of >= 2 is refused."""
+    torch.testing.assert_close(grpo_advantages(SCORES, 4),
+                               torch.tensor([-0.925820, -0.462910, 0.0, 1.388730, 0.0, 0.0, 0.0, 0.0]))
+    torch.testing.assert_close(grpo_advantages(SCORES, 4, scale=False),
+                               torch.tensor([-2.0, -1.0, 0.0, 3.0, 0.0, 0.0, 0.0, 0.0]))
+    with pytest.raises(ValueError, match="group_size >= 2 dividing the 8 responses"):
+        grpo_advantages(SCORES, 3)
+    with pytest.raises(ValueError, match="group_size >= 2"):
+        rloo_advantages(SCORES, 1)
+
+
+def test_rloo_advantages_by_hand():
+    """Leave-one-out baselines of group 1: (2+3+6)/3 = 11/3, (1+3+6)/3 = 10/3, (1+2+6)/3 = 3, (1+2+3)/3 = 2:
+    advantages [1 - 11/3, 2 - 10/3, 3 - 3, 6 - 2] = [-8/3, -4/3, 0, 4] (= 4/3 x the deviations from the mean).
+    Group 2: zeros."""
+    torch.testing.assert_close(rloo_advantages(SCORES, 4),
+                               torch.tensor([-8 / 3, -4 / 3, 0.0, 4.0, 0.0, 0.0, 0.0, 0.0]))
+
+
+def test_reinforce_pp_advantages_by_hand():
+    """The 4 replies of group 1 with lengths [1, 2, 2, 3], KL 1 on every token, coef 0.5: shape_rewards gives
+    [[0.5], [-0.5, 1.5], [-0.5, 2.5], [-0.5, -0.5, 5.5]] (score on the last token). Returns (gamma 1, reverse sums):
+    [[0.5], [1.0, 1.5], [2.0, 2.5], [4.5, 5.0, 5.5]]. Over the 8 tokens: mean 22.5 / 8 = 2.8125, population variance
+    89.25 / 8 - 2.8125^2 = 3.246094, std 1.801692: advantages (x - 2.8125) / 1.801692 =
+    [[-1.283516], [-1.005999, -0.728482], [-0.450965, -0.173448], [0.936620, 1.214137, 1.491653]].
+    gamma 0.5 discounts: row 3 returns [-0.5 - 0.25 + 1.375, -0.5 + 2.75, 5.5] = [0.625, 2.25, 5.5]."""
+    mask = torch.tensor([[1.0, 0, 0], [1, 1, 0], [1, 1, 0], [1, 1, 1]])
+    rewards = shape_rewards(SCORES[:4], torch.ones(4, 3), mask, coef=0.5, has_eos=torch.ones(4, dtype=torch.bool))
+    adv, ret = reinforce_pp_advantages(rewards, mask)
+    torch.testing.assert_close(ret, torch.tensor([[0.5, 0, 0], [1.0, 1.5, 0], [2.0, 2.5, 0], [4.5, 5.0, 5.5]]))
+    torch.testing.assert_close(adv, torch.tensor([[-1.283516, 0, 0], [-1.005999, -0.728482, 0],
+                                                  [-0.450965, -0.173448, 0], [0.936620, 1.214137, 1.491653]]))
+    torch.testing.assert_close(discounted_returns(rewards, mask, gamma=0.5)[3], torch.tensor([0.625, 2.25, 5.5]))
+    moments = masked_moments(ret[:2], mask[:2]) + masked_moments(ret[2:], mask[2:])  # two ranks' shares
+    torch.testing.assert_close(reinforce_pp_advantages(rewards[2:], mask[2:], moments=moments)[0], adv[2:])
+
+
+def test_k3_kl_loss_by_hand():
+    """Tokens (logp, ref) = (-1, -2), (-2, -1) and a padded 50: k3 = [e^-1 - (-1) - 1, e - 1 - 1] =
+    [0.367879, 0.718282], token mean 0.543081, x coef 0.1 = 0.0543081. d/d logp = coef (1 - e^(ref - logp)) / 2 =
+    [0.05 (1 - e^-1), 0.05 (1 - e)] = [0.031606, -0.085914]: the loss pulls logp towards ref from both sides."""
+    logp = torch.tensor([[-1.0, -2.0, 50.0]], requires_grad=True)
+    loss = kl_loss(logp, torch.tensor([[-2.0, -1.0, 0.0]]), torch.tensor([[1.0, 1.0, 0.0]]), coef=0.1)
+    assert loss.item() == pytest.approx(0.0543081, abs=1e-7)
+    loss.backward()
+    torch.testing.assert_close(logp.grad, torch.tensor([[0.031606, -0.085914, 0.0]]))
+
+
+def test_sequence_mean_token_sum_by_hand():
+    """x = [[1, 2, (9)], [3, (9), (9)]]: per-sequence sums [3, 3]; mean over 2 sequences / scale 4 = 0.75 (Dr. GRPO
+    with a budget of 4 tokens). token_mean = 6 / 3 = 2 and sequence_mean = (1.5 + 3) / 2 = 2.25 weigh the short reply
+    more per token. With total = the global sequence count, two shards add up to the whole."""
+    x, mask = torch.tensor([[1.0, 2.0, 9.0], [3.0, 9.0, 9.0]]), torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    assert sequence_mean_token_sum(x, mask, scale=4).item() == 0.75
+    assert token_mean(x, mask).item() == 2.0 and sequence_mean(x, mask).item() == 2.25
+    shards = [sequence_mean_token_sum(x[s], mask[s], total=2, scale=4) for s in (slice(0, 1), slice(1, 2))]
+    assert (shards[0] + shards[1]).item() == 0.75
+
+
+def test_policy_loss_with_a_sequence_reduction_by_hand():
+    """test_policy_loss_by_hand's tokens, reduced Dr. GRPO's way (align.rl.reduction): per-token terms
+    [-1.2, -0.5 | 0.8, 2.0], per-reply sums [-1.7, 2.8], / (2 replies x budget 3) = 1.1 / 6 = 0.183333. The stats
+    stay token means, over `n_tokens` (the mini batch's tokens: 8 here, so clip_frac 2/8); without n_tokens, this
+    shard's 4 tokens (never the reply count). Gradient: unclipped tokens -A r / 6: -0.5 / 6 and 2 / 6."""
+    import functools
+
+    from align.rl import reduction
+
+    logp = torch.tensor([[LN2, -LN2, 100.0], [-LN2, LN2, 100.0]], requires_grad=True)
+    old, adv = torch.zeros(2, 3), torch.tensor([[1.0, 1.0, 100.0], [-1.0, -1.0, 100.0]])
+    reduce, total = reduction("sequence_mean_token_sum", n_sequences=2, n_tokens=8.0, max_new_tokens=3)
+    assert isinstance(reduce, functools.partial) and total == 2
+    loss, stats = ppo_policy_loss(logp, old, adv, MASK, 0.2, reduce=reduce, total=total, n_tokens=8.0)
+    assert loss.item() == pytest.approx(1.1 / 6, abs=1e-6)
+    assert stats["policy_clip_frac"].item() == pytest.approx(0.25)
+    assert stats["approx_kl"].item() == pytest.approx(0.125, abs=1e-6)
+    loss.backward()
+    torch.testing.assert_close(logp.grad, torch.tensor([[0.0, -0.5 / 6, 0.0], [0.0, 2.0 / 6, 0.0]]))
+    _, stats = ppo_policy_loss(logp, old, adv, MASK, 0.2, reduce=reduce, total=total)
+    assert stats["policy_clip_frac"].item() == pytest.approx(0.5)
+    assert reduction("token_mean", 2, 8.0, 3) == (token_mean, 8.0)
+    assert reduction("sequence_mean", 2, 8.0, 3) == (sequence_mean, 2)

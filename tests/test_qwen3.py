@@ -202,8 +202,9 @@ def test_convert_cli_on_a_qwen3_folder(tmp_path, capsys):
           "--set", "rope_train_len=64"])
     cfg = json.loads((tmp_path / "ext" / "config.json").read_text())
     assert cfg["use_logn_attn"] is True and cfg["model_type"] == "qwen3"
-    with pytest.raises(SystemExit, match="context extension is on"):
+    with pytest.raises(SystemExit) as exit_info:
         main([str(tmp_path / "ext"), str(tmp_path / "back"), "--to", "hf"])
+    assert exit_info.value.code == 2 and "context extension is on" in capsys.readouterr().err
     main([str(tmp_path / "hf"), str(tmp_path / "plain"), "--to", "hf", "--check"])
     assert "transformers reproduces it" in capsys.readouterr().out
     plain = json.loads((tmp_path / "plain" / "config.json").read_text())
@@ -291,7 +292,7 @@ def test_vllm_loads_qwen3_and_matches_after_a_sync(tmp_path, small_tok):
 
 
 def test_ppo_trains_a_qwen3_policy_with_a_llama_reward_model(tmp_path, small_tok):
-    """PPO on a Qwen3 policy (custom model: policy, reference and a value model started from the policy folder)
+    """PPO on a Qwen3 policy (custom model: policy, reference and a value model = the policy backbone + a scalar head)
     scored by a reward model of another architecture (a LlamaForSequenceClassification folder, loaded through
     transformers): one value-warmup step then one policy step; the policy moves, q_norm / k_norm included, and the
     final folder is a Qwen3ForCausalLM that transformers loads."""
@@ -313,6 +314,8 @@ def test_ppo_trains_a_qwen3_policy_with_a_llama_reward_model(tmp_path, small_tok
                                  num_attention_heads=4, num_key_value_heads=2, initializer_range=0.1,
                                  pad_token_id=996, eos_token_id=998)).save_pretrained(tmp_path / "lm")
     load_scalar_head(tmp_path / "lm", head_seed=1).save_pretrained(tmp_path / "reward", tokenizer=small_tok)
+    # the value model starts from the policy's backbone with a scalar head (a causal-LM folder itself is refused)
+    load_scalar_head(tmp_path / "policy", head_seed=2).save_pretrained(tmp_path / "value", tokenizer=small_tok)
     r = random.Random(0)
     words = "apple banana cherry dog egg fish grape house".split()
     with open(tmp_path / "prompts.jsonl", "w") as f:
@@ -323,7 +326,7 @@ def test_ppo_trains_a_qwen3_policy_with_a_llama_reward_model(tmp_path, small_tok
             f.write(json.dumps({"text": " ".join(r.choice(words) for _ in range(20))}) + "\n")
     c = build_config(ppo.PPOConfig, dict(
         policy_path=str(tmp_path / "policy"), reward_path=str(tmp_path / "reward"),
-        value_path=str(tmp_path / "policy"), prompt_files=[str(tmp_path / "prompts.jsonl")],
+        value_path=str(tmp_path / "value"), prompt_files=[str(tmp_path / "prompts.jsonl")],
         pretrain_files=[str(tmp_path / "text.jsonl")], heldout_files=[str(tmp_path / "text.jsonl")], ptx_seq_len=32,
         heldout_rows=4, rollout_batch_prompts=4, samples_per_prompt=2, max_new_tokens=6, micro_batch_size=4,
         value_warmup_steps=1, max_steps=2, policy_lr=1e-3, value_lr=1e-3, ptx_coef=0.0, ptx_rows=2, tax_every=1,

@@ -82,8 +82,9 @@ def _pairs_file(path, n, seed):
 
 @pytest.mark.numerics
 def test_scores_do_not_depend_on_batch_padding_side_or_length(lm_dir):
-    """PITFALLS 5: the same pair scored alone, next to longer sequences, left- or right-padded, with extra padding,
-    gets the same two scores; the score is read at <|reward|>, not at the last non-pad token."""
+    """docs/PITFALLS.md#reward-position: the same pair scored alone, next to longer sequences, left- or
+    right-padded, with extra padding, gets the same two scores; the score is read at <|reward|>, not at the last
+    non-pad token."""
     tok = load_tokenizer("small")
     rid, pad = reward_token_id(tok), tok.pad_token_id
     model = load_reward_model(str(lm_dir)).eval()
@@ -168,7 +169,7 @@ def test_reward_training_learns_resumes_exactly_and_saves_stats(lm_dir, tmp_path
 
 def test_reward_config_errors(lm_dir, tmp_path):
     files = [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]
-    with pytest.raises(ConfigError, match="model_path is required"):
+    with pytest.raises(ConfigError, match="missing required field: --model_path"):
         rm_config(tmp_path, "", files)
     with pytest.raises(ConfigError, match="set norm_files"):
         rm_config(tmp_path, lm_dir, files, eval_files=[])
@@ -238,3 +239,22 @@ def test_reward_two_ranks_equal_one_process(lm_dir, tmp_path):
     one = [r["loss"] for r in read_jsonl(tmp_path / "one" / "metrics.jsonl") if "loss" in r]
     two = [r["loss"] for r in read_jsonl(tmp_path / "two" / "metrics.jsonl") if "loss" in r]
     assert len(one) == 3 and two == pytest.approx(one, rel=1e-5)
+
+
+def test_bench_load_pairs_runs_the_trainers_validation(tmp_path):
+    """reward.bench reads a pair as the trainers do (data.datasets.prepare_record): special-token text escaped, a
+    pair with identical replies dropped, a record with an unknown role counted as malformed."""
+    from data.validate import escape_special_text
+    from reward.bench import load_pairs
+
+    user = [{"role": "user", "content": "hi"}]
+    rows = [{"prompt": user, "chosen": "good <|im_end|> reply", "rejected": "bad"},
+            {"prompt": user, "chosen": "same", "rejected": "same"},
+            {"prompt": [{"role": "wizard", "content": "hi"}], "chosen": "a", "rejected": "b"},
+            {"prompt": user, "chosen": "fine", "rejected": "worse"}]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pairs, counts = load_pairs(str(path))
+    assert [p["rejected"][-1]["content"] for p in pairs] == ["bad", "worse"]
+    assert pairs[0]["chosen"][-1]["content"] == escape_special_text("good <|im_end|> reply") != "good <|im_end|> reply"
+    assert counts == {"malformed": 1, "dropped": 1}

@@ -169,7 +169,8 @@ def policy_logprobs_at(model, prompt, response, temperature):
 @pytest.mark.numerics
 def test_sampler_logprobs_equal_policy_logprobs(prompts):
     """top_p 1.0: equal to token_logprobs at the same temperature. top_p 0.9: larger by -log(nucleus mass) >= 0
-    (renormalisation), strictly somewhere: the gap PITFALLS 7 says the trainer must not take as its own.
+    (renormalisation), strictly somewhere: the gap the trainer must not take as its own
+    (docs/PITFALLS.md#sampler-log-probs).
     Both within the rounding bound of a float64 evaluation (the cached and the full forward round differently)."""
     model = tiny()
     ref64 = SequenceLogprobs64(model)

@@ -120,8 +120,8 @@ def test_sync_switches_between_three_weight_sets(engine, prompts):
 
 
 def test_tied_output_layer_must_be_sent(engine, prompts):
-    """PITFALLS 2: without lm_head.weight, vLLM keeps its old output layer (a log warning only): the greedy check
-    catches it. sync_weights sends the full dict and passes."""
+    """docs/PITFALLS.md#tied-output-layer: without lm_head.weight, vLLM keeps its old output layer (a log warning
+    only): the greedy check catches it. sync_weights sends the full dict and passes."""
     engine.sync_weights(tiny(seed=0))
     policy = tiny(seed=4)
     sd = full_state_dict(policy)
@@ -134,8 +134,8 @@ def test_tied_output_layer_must_be_sent(engine, prompts):
 
 
 def test_lora_is_merged_into_the_sync(engine, prompts):
-    """PITFALLS 3: vLLM gets W + BA; the policy's base weights are unmerged afterwards, so the policy with its
-    adapter disabled no longer matches vLLM."""
+    """docs/PITFALLS.md#lora-in-the-sync: vLLM gets W + BA; the policy's base weights are unmerged afterwards, so
+    the policy with its adapter disabled no longer matches vLLM."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
