@@ -280,15 +280,20 @@ class Attention(nn.Module):
         else:
             q = apply_rope(q, _take(cos, rows), _take(sin, rows))
             logn = None if logn is None else logn.gather(1, rows)
-            mask = mask.gather(2, rows[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[3]))  # (B,1,n,S)
+            if mask is None:  # plain causal: query at position r sees keys 0..r
+                mask = (torch.arange(T, device=x.device) <= rows[:, :, None])[:, None]  # (B, 1, n, T)
+            else:
+                mask = mask.gather(2, rows[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[3]))
         k = apply_rope(k, cos, sin)
         if logn is not None:
             q = q * logn[:, None, :, None]  # (B, 1, Tq, 1)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, S, hd)
+        # mask None: no padding, no packing, no window (QwenModel.forward): is_causal when queries and keys
+        # coincide, none at all for one decoded token; SDPA's CPU flash kernel then skips the masked blocks.
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.cfg.attention_dropout if self.training else 0.0,
-            enable_gqa=nkv != nh)  # (B, nh, Tq, hd)
+            is_causal=mask is None and Tq > 1, enable_gqa=nkv != nh)  # (B, nh, Tq, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, Tq, nh * hd))
 
 
@@ -322,6 +327,17 @@ class DecoderLayer(nn.Module):
         a = self.self_attn(self.input_layernorm(x), cos, sin, mask, logn, cache, rows)
         x = (x if rows is None else _take(x, rows)) + self.dropout(a)
         return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+
+
+def is_plain_causal(attention_mask, position_ids, past_len: int, T: int) -> bool:
+    """True when the mask build_attention_mask would give is plain causal attention over the whole row, so SDPA
+    can run with is_causal (or, for one decoded token, no mask): no padding, no packed documents (a position id 0
+    after the first token), and either no cache or a single new token."""
+    if past_len > 0 and T > 1:
+        return False  # is_causal aligns the query block to the first key, not the last
+    if not bool(attention_mask.bool().all()):
+        return False
+    return past_len > 0 or T < 2 or not bool((position_ids[:, 1:] == 0).any())
 
 
 def build_attention_mask(attention_mask, position_ids, past_len: int, T: int, window: int | None):
@@ -383,12 +399,17 @@ class QwenModel(nn.Module):
             logn = (torch.log(position_ids.float() + 1) / math.log(cfg.train_len)).clamp(min=1.0).to(x.dtype)  # (B, T)
         if positions is not None and cache is not None:
             raise ValueError("positions (final hidden states at some positions only) cannot be used with a KV cache")
+        # no padding, packing or window: no mask at all, SDPA runs causal (None below) - faster, no (B, T, S) mask
+        plain = is_plain_causal(attention_mask, position_ids, past, T)
         masks = {}
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             w = cfg.window_for_layer(i, extend)
+            if w is not None and w >= past + T:
+                w = None  # a window longer than the row cuts nothing
             if w not in masks:
-                masks[w] = build_attention_mask(attention_mask, position_ids, past, T, w)
+                masks[w] = None if plain and w is None else build_attention_mask(attention_mask, position_ids, past,
+                                                                                  T, w)
             rows = positions if i == last else None
             if self.gradient_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, masks[w], logn, cache, rows,
