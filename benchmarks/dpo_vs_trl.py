@@ -40,7 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.machine import add_threads_arg, cpu_path, load_average, machine_line, worker_env  # noqa: E402
-from benchmarks.model_step import V, reset_peak, rss_kb  # noqa: E402
+from benchmarks.model_step import V, rss_kb, start_peak  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data" / "demo" / "rm_train.jsonl"
@@ -70,8 +70,7 @@ class Meter:
 
     def start(self):
         gc.collect()
-        self.base = rss_kb("VmRSS")
-        reset_peak()
+        self.base = start_peak()
         self.t0, self.c0 = time.perf_counter(), time.process_time()
         self.faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 

@@ -46,6 +46,22 @@ def reset_peak():
         f.write("5")  # resets VmHWM to the current RSS (Linux)
 
 
+def start_peak() -> int:
+    """Begin a step-peak measurement; returns the base RSS (KiB). Freed memory the allocator still holds (glibc
+    keeps freed heap pages resident) is handed back first, so the base is the live memory and the later peak minus
+    the base is what the steps allocate, whoever's allocator kept what from the warm-up."""
+    import ctypes
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the base may include freed memory
+        pass
+    base = rss_kb("VmRSS")
+    reset_peak()
+    return base
+
+
 def build(args):
     from transformers import Qwen2Config, Qwen2ForCausalLM
     cfg = Qwen2Config(vocab_size=V, hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4,
@@ -100,9 +116,7 @@ def worker(args):
     step = step_fn(args, model)
     loss0 = step()  # warm-up (allocator, kernels)
     model.zero_grad(set_to_none=False)
-    gc.collect()
-    base = rss_kb("VmRSS")
-    reset_peak()
+    base = start_peak()
     t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(args.steps):
         step()

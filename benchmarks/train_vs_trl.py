@@ -41,11 +41,11 @@ class StepMeter:
         self.base = None
 
     def after_step(self, step: int, last: int) -> None:
-        from benchmarks.model_step import reset_peak, rss_kb
+        from benchmarks.model_step import rss_kb, start_peak
 
         if step == 1:
-            self.base, self.cpu0, self.n = rss_kb("VmRSS"), time.process_time(), last - 1
-            reset_peak()
+            self.base = start_peak()
+            self.cpu0, self.n = time.process_time(), last - 1
         elif step == last and self.base is not None:
             self.cpu = (time.process_time() - self.cpu0) / max(self.n, 1)
             self.peak = (rss_kb("VmHWM") - self.base) / 1024
