@@ -82,7 +82,9 @@ class DPOConfig:
     weight_decay: float = cfg(0.0, "AdamW weight decay (not on biases and norms)")
     grad_clip: float = cfg(1.0, "max global gradient norm; 0 = no clipping")
     precision: str = cfg("auto", "'auto' (bf16 on a GPU that has it, else fp32), 'bf16' or 'fp32'")
-    chunk_size: int = cfg(64, "rows of logits per chunk in the log-prob kernel (memory vs speed)")
+    chunk_size: int = cfg(256, "rows of logits per chunk in the log-prob kernel (memory vs speed: 256 x 151,936 "
+                               "fp32 = 156 MB); a micro batch whose response tokens fit in one chunk also skips the "
+                               "backward's logits recompute")
     # --- run ---
     output_dir: str = cfg("runs/dpo", "checkpoints, metrics.jsonl, tb/, curves.png and the final model go here")
     report_to: str = cfg("tensorboard", "trackers besides metrics.jsonl (always written): comma-separated "

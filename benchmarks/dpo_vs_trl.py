@@ -1,6 +1,7 @@
 """DPO training steps: align/dpo.py's step vs TRL 1.16's DPOTrainer, same model, data and batches, in one run.
 
-    python benchmarks/dpo_vs_trl.py [--hidden 128 --layers 2 --pairs 4 --warmup 2 --steps 6]
+    python benchmarks/dpo_vs_trl.py [--hidden 128 --layers 2 --pairs 4 --warmup 2 --steps 6 --repeats 1]
+    ATEN_CPU_CAPABILITY=default python benchmarks/dpo_vs_trl.py      # torch's portable kernels
 
 Model: a transformers Qwen2ForCausalLM with the real Qwen2 vocabulary (151,936), random weights (seed 0), saved
 once to a folder that both sides load. Data: the first (warmup + steps) x pairs comparisons of
@@ -9,9 +10,12 @@ on both sides (TRL with a sequential sampler), and the run checks that TRL's tok
 report the same chosen log-prob at step 1. Both in fp32 (TRL's default bf16 autocast off), beta 0.1, AdamW with
 gradient clipping 1.0 (TRL: its default fused AdamW; ours: common.optim.build_adamw, as align/dpo.py).
 
-Each configuration runs in its own subprocess, one after the other. A step is a whole optimizer step as the trainer
-runs it (collate, forward, loss, backward, clip, AdamW). On a shared machine the wall-clock steps/s move with the
-other load; the CPU seconds per step (all threads of the process) move less. Peak memory: the highest resident
+Each configuration runs in its own subprocess, one after the other, the four in turn `--repeats` times (medians),
+so a machine whose speed drifts during the run (other jobs, a cloud VM's neighbours) does not favour one position
+in the order. A step is a whole optimizer step as the trainer runs it (collate, forward, loss, backward, clip,
+AdamW). On a shared machine the wall-clock steps/s move with the other load; the CPU seconds per step (all threads
+of the process) and the page faults per step do not depend on it (`--threads 1` for steadier wall times too).
+Prints the CPU vector path and the load average. Peak memory: the highest resident
 set size during the timed steps (VmHWM, reset after warm-up, as benchmarks/model_step.py) minus the resident size
 just before them; the absolute peak RSS of the process is shown too (it includes TRL's second model copy for the
 reference).
@@ -25,7 +29,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -35,7 +39,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.model_step import V, reset_peak, rss_kb  # noqa: E402
+from benchmarks.machine import add_threads_arg, cpu_path, load_average, machine_line, worker_env  # noqa: E402
+from benchmarks.model_step import V, rss_kb, start_peak  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data" / "demo" / "rm_train.jsonl"
@@ -65,15 +70,16 @@ class Meter:
 
     def start(self):
         gc.collect()
-        self.base = rss_kb("VmRSS")
-        reset_peak()
+        self.base = start_peak()
         self.t0, self.c0 = time.perf_counter(), time.process_time()
+        self.faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
     def stop(self, steps: int) -> dict:
         dt = (time.perf_counter() - self.t0) / steps
         peak = rss_kb("VmHWM")
+        faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - self.faults) / steps
         return {"step_s": dt, "cpu_s": (time.process_time() - self.c0) / steps,
-                "peak_mib": (peak - self.base) / 1024, "rss_mib": peak / 1024}
+                "peak_mib": (peak - self.base) / 1024, "rss_mib": peak / 1024, "page_faults": faults}
 
 
 def run_trl(args, model_dir: Path, pairs, text) -> dict:
@@ -161,7 +167,7 @@ def worker(args):
     pairs, text = load_pairs(args, qwen2_tokenizer())
     model_dir = Path(args.model_dir)
     r = run_trl(args, model_dir, pairs, text) if args.impl.startswith("trl") else run_ours(args, model_dir, pairs)
-    print(json.dumps({"impl": args.impl, **r}))
+    print(json.dumps({"impl": args.impl, **r, "cpu_path": cpu_path(), "threads": torch.get_num_threads()}))
 
 
 def save_model(args, folder: Path) -> None:
@@ -182,43 +188,66 @@ def main():
     ap.add_argument("--pairs", type=int, default=4, help="preference pairs per step (batch)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     ap.add_argument("--steps", type=int, default=6, help="timed steps")
+    ap.add_argument("--repeats", type=int, default=1, help="runs of each configuration, in turn; medians reported")
+    add_threads_arg(ap)
     ap.add_argument("--impl", choices=sorted(IMPLS), help=argparse.SUPPRESS)  # worker mode
     ap.add_argument("--model_dir", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.impl:
         return worker(args)
-    rows = {}
+    print(machine_line(args.threads), flush=True)
+    runs = {impl: [] for impl in IMPLS}
     with tempfile.TemporaryDirectory() as d:
         save_model(args, Path(d))
-        for impl in IMPLS:
-            cmd = [sys.executable, __file__, *sys.argv[1:], "--impl", impl, "--model_dir", d]
-            t0 = time.perf_counter()
-            res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
-                                 env={**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"})
-            if res.returncode:
-                sys.exit(f"{impl} failed:\n{res.stderr[-4000:]}")
-            rows[impl] = json.loads(res.stdout.strip().splitlines()[-1])
-            print(f"[bench] {impl}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+        for r in range(args.repeats):
+            for impl in IMPLS:
+                cmd = [sys.executable, __file__, *sys.argv[1:], "--impl", impl, "--model_dir", d]
+                t0 = time.perf_counter()
+                res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
+                                     env={**worker_env(args.threads), "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"})
+                if res.returncode:
+                    sys.exit(f"{impl} failed:\n{res.stderr[-4000:]}")
+                row = json.loads(res.stdout.strip().splitlines()[-1])
+                runs[impl].append(row)
+                print(f"[bench] run {r + 1}/{args.repeats} {impl}: {1 / row['step_s']:.2f} steps/s, "
+                      f"{row['cpu_s']:.2f} CPU s/step, {row['page_faults']:.0f} page faults/step "
+                      f"({time.perf_counter() - t0:.0f} s); load average {load_average()}", file=sys.stderr,
+                      flush=True)
+    rows = {impl: median_row(v) for impl, v in runs.items()}
     logps = [r["chosen_logp"] for r in rows.values()]
     assert max(logps) - min(logps) < 1e-4 * abs(logps[0]), f"step-1 chosen log-probs differ: {logps}"
     report(args, rows)
 
 
+def median_row(rows: list[dict]) -> dict:
+    import statistics
+
+    keys = ("step_s", "cpu_s", "peak_mib", "rss_mib", "page_faults")
+    return rows[0] | {k: statistics.median(r[k] for r in rows) for k in keys}
+
+
 def report(args, rows):
+    r0 = rows["ours"]
     print(f"config: Qwen2 hidden {args.hidden}, layers {args.layers}, vocab {V} (untied), {args.pairs} pairs per "
-          f"step from {DATA.relative_to(REPO)}, fp32, {torch.get_num_threads()} threads; {args.steps} timed steps "
-          f"after {args.warmup} warm-up; step-1 mean chosen log-prob {rows['ours']['chosen_logp']:.4f} on every side")
-    print("| trainer | steps/s | CPU s / step | step peak memory (MiB above pre-step RSS) | peak RSS (MiB) |")
-    print("|---|---|---|---|---|")
+          f"step from {DATA.relative_to(REPO)}, fp32, {r0['threads']} threads, CPU vector path {r0['cpu_path']}; "
+          f"{args.steps} timed steps after {args.warmup} warm-up, medians of {args.repeats} run(s) each; step-1 mean "
+          f"chosen log-prob {r0['chosen_logp']:.4f} on every side; load average after: {load_average()}")
+    print("| trainer | steps/s | CPU s / step | page faults / step | step peak memory (MiB above pre-step RSS) | "
+          "peak RSS (MiB) |")
+    print("|---|---|---|---|---|---|")
     for impl, name in IMPLS.items():
         r = rows[impl]
-        print(f"| {name} | {1 / r['step_s']:.2f} | {r['cpu_s']:.2f} | {r['peak_mib']:.0f} | {r['rss_mib']:.0f} |")
+        print(f"| {name} | {1 / r['step_s']:.2f} | {r['cpu_s']:.2f} | {r['page_faults']:.0f} | {r['peak_mib']:.0f} | "
+              f"{r['rss_mib']:.0f} |")
     for ours, theirs, what in [("ours", "trl", "defaults"), ("ours", "trl_pre", "both cached"),
                                ("ours_online", "trl", "both online")]:
         o, t = rows[ours], rows[theirs]
         print(f"| **ratio ours / TRL, {what}** | **{t['step_s'] / o['step_s']:.2f}x** | "
-              f"**{o['cpu_s'] / t['cpu_s']:.2f}x** | **{o['peak_mib'] / t['peak_mib']:.2f}x** | "
-              f"**{o['rss_mib'] / t['rss_mib']:.2f}x** |")
+              f"**{o['cpu_s'] / t['cpu_s']:.2f}x** | {o['page_faults'] / t['page_faults']:.2f}x | "
+              f"**{o['peak_mib'] / t['peak_mib']:.2f}x** | **{o['rss_mib'] / t['rss_mib']:.2f}x** |")
+    o, n = rows["ours"], rows["ours_online"]
+    print(f"ours cached / online: {n['step_s'] / o['step_s']:.2f}x steps/s, {o['cpu_s'] / n['cpu_s']:.2f}x CPU s "
+          f"per step (the cached reference skips the reference forward: it must be the cheaper one)")
 
 
 if __name__ == "__main__":

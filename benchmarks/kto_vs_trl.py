@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.model_step import V, reset_peak, rss_kb  # noqa: E402
+from benchmarks.model_step import V, rss_kb, start_peak  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data" / "demo" / "kto_train.jsonl"
@@ -67,8 +67,7 @@ class Meter:
 
     def start(self):
         gc.collect()
-        self.base = rss_kb("VmRSS")
-        reset_peak()
+        self.base = start_peak()
         self.t0, self.c0 = time.perf_counter(), time.process_time()
 
     def stop(self, steps: int) -> dict:

@@ -1,12 +1,17 @@
 """One training step (forward + next-token loss + backward): the custom model vs transformers' Qwen2ForCausalLM.
 
-    python benchmarks/model_step.py [--hidden 256 --layers 4 --batch 4 --seq 256 --steps 5 --dtype float32]
+    python benchmarks/model_step.py [--hidden 256 --layers 4 --batch 4 --seq 256 --steps 5 --repeats 3]
+    ATEN_CPU_CAPABILITY=avx2 python benchmarks/model_step.py      # the AVX2 path on an AVX-512 machine
+    ATEN_CPU_CAPABILITY=default python benchmarks/model_step.py   # torch's portable kernels
 
-Same weights, same tokens, vocab 151,936. Each implementation runs in its own subprocess, one after the other in
-this one run, so their peak memories do not mix: peak = the highest resident set size during the timed steps
-(VmHWM, reset after warm-up) minus the resident size just before them, i.e. the activation / logits memory of the
-step itself. Also measures the machine's fp32 matmul FLOP/s in the same run and reports model FLOP utilisation.
-Prints a Markdown table with the ratios (ours / transformers) for README.md.
+Same weights, same tokens, vocab 151,936. Each implementation runs in its own subprocess, so their peak memories do
+not mix: peak = the highest resident set size during the timed steps (VmHWM, reset after warm-up) minus the
+resident size just before them, i.e. the activation / logits memory of the step itself. The subprocesses alternate
+(transformers, ours, transformers, ours, ...) `--repeats` times and the table gives medians, so a shared machine's
+load changing during the run hits both sides alike; the load average is printed before and after. Also measures
+the machine's fp32 matmul FLOP/s in the same run and reports model FLOP utilisation, and prints the CPU vector
+path (AVX-512, AVX2, or DEFAULT under ATEN_CPU_CAPABILITY=default). A Markdown table with the ratios (ours /
+transformers) for README.md.
 """
 
 from __future__ import annotations
@@ -14,12 +19,16 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
+import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.machine import add_threads_arg, cpu_path, load_average, machine_line, worker_env  # noqa: E402
 
 V = 151936
 
@@ -35,6 +44,22 @@ def rss_kb(field: str) -> int:
 def reset_peak():
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current RSS (Linux)
+
+
+def start_peak() -> int:
+    """Begin a step-peak measurement; returns the base RSS (KiB). Freed memory the allocator still holds (glibc
+    keeps freed heap pages resident) is handed back first, so the base is the live memory and the later peak minus
+    the base is what the steps allocate, whoever's allocator kept what from the warm-up."""
+    import ctypes
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the base may include freed memory
+        pass
+    base = rss_kb("VmRSS")
+    reset_peak()
+    return base
 
 
 def build(args):
@@ -91,17 +116,18 @@ def worker(args):
     step = step_fn(args, model)
     loss0 = step()  # warm-up (allocator, kernels)
     model.zero_grad(set_to_none=False)
-    gc.collect()
-    base = rss_kb("VmRSS")
-    reset_peak()
-    t0 = time.perf_counter()
+    base = start_peak()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(args.steps):
         step()
         model.zero_grad(set_to_none=False)
     dt = (time.perf_counter() - t0) / args.steps
+    cpu_s = (time.process_time() - c0) / args.steps  # all threads; moves less with other jobs' load than wall time
     peak = rss_kb("VmHWM") - base
     print(json.dumps({"impl": args.impl, "loss": loss0, "step_s": dt, "tokens_per_s": args.batch * args.seq / dt,
-                      "peak_mib": peak / 1024, "tflops": model_flops(args) / dt / 1e12}))
+                      "cpu_s": cpu_s,
+                      "peak_mib": peak / 1024, "tflops": model_flops(args) / dt / 1e12, "cpu_path": cpu_path(),
+                      "threads": torch.get_num_threads()}))
 
 
 def matmul_tflops(n=2048, reps=5) -> float:
@@ -124,29 +150,49 @@ def main():
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    ap.add_argument("--repeats", type=int, default=3, help="alternating runs of each side; medians are reported")
+    add_threads_arg(ap)
     ap.add_argument("--impl", choices=["ours", "hf"], help=argparse.SUPPRESS)  # worker mode
     args = ap.parse_args()
     if args.impl:
         return worker(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)  # the matmul peak below, and the workers through OMP_NUM_THREADS
+    print(machine_line(args.threads), flush=True)
     peak = matmul_tflops()
-    rows = {}
-    for impl in ["hf", "ours"]:
-        cmd = [sys.executable, __file__, *sys.argv[1:], "--impl", impl]
-        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-        if out.returncode:
-            sys.exit(f"{impl} failed:\n{out.stderr[-3000:]}")
-        rows[impl] = json.loads(out.stdout.strip().splitlines()[-1])
-    hf, ours = rows["hf"], rows["ours"]
+    runs = {"hf": [], "ours": []}
+    for r in range(args.repeats):
+        for impl in ["hf", "ours"]:
+            cmd = [sys.executable, __file__, *sys.argv[1:], "--impl", impl]
+            out = subprocess.run(cmd, capture_output=True, text=True, env={**worker_env(args.threads),
+                                                                            "HF_HUB_OFFLINE": "1"})
+            if out.returncode:
+                sys.exit(f"{impl} failed:\n{out.stderr[-3000:]}")
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            runs[impl].append(row)
+            print(f"[bench] run {r + 1}/{args.repeats} {impl}: {row['tokens_per_s']:.0f} tokens/s, "
+                  f"{row['peak_mib']:.0f} MiB; load average {load_average()}", file=sys.stderr, flush=True)
+    hf, ours = (summary(runs[k]) for k in ("hf", "ours"))
     assert abs(hf["loss"] - ours["loss"]) < 1e-3 * max(1.0, abs(hf["loss"])), (hf["loss"], ours["loss"])
     print(f"config: hidden {args.hidden}, layers {args.layers}, vocab {V}, batch {args.batch} x seq {args.seq}, "
-          f"{args.dtype}, {torch.get_num_threads()} threads; fp32 matmul peak {peak:.3f} TFLOP/s")
-    print("| implementation | tokens/s | step peak memory (MiB) | TFLOP/s | MFU |")
-    print("|---|---|---|---|---|")
+          f"{args.dtype}, {ours['threads']} threads; CPU vector path {ours['cpu_path']}; fp32 matmul peak "
+          f"{peak:.3f} TFLOP/s; medians of {args.repeats} alternating runs; load average after: {load_average()}")
+    print("| implementation | tokens/s | CPU s / step | step peak memory (MiB) | TFLOP/s | MFU |")
+    print("|---|---|---|---|---|---|")
     for name, r in [("transformers Qwen2ForCausalLM", hf), ("custom model + chunked log-probs", ours)]:
-        print(f"| {name} | {r['tokens_per_s']:.0f} | {r['peak_mib']:.0f} | {r['tflops']:.3f} | "
+        print(f"| {name} | {r['tokens_per_s']:.0f} | {r['cpu_s']:.2f} | {r['peak_mib']:.0f} | {r['tflops']:.3f} | "
               f"{r['tflops'] / peak:.0%} |")
+    ratios = [o["tokens_per_s"] / h["tokens_per_s"] for o, h in zip(runs["ours"], runs["hf"])]
     print(f"| **ratio ours / transformers** | **{ours['tokens_per_s'] / hf['tokens_per_s']:.2f}x** | "
-          f"**{ours['peak_mib'] / hf['peak_mib']:.2f}x** | | |")
+          f"{ours['cpu_s'] / hf['cpu_s']:.2f}x | **{ours['peak_mib'] / hf['peak_mib']:.2f}x** | | |")
+    print(f"per-run tokens/s ratios (ours / the transformers run just before): "
+          f"{', '.join(f'{x:.2f}' for x in ratios)}")
+
+
+def summary(rows: list[dict]) -> dict:
+    """Median of each number over the runs of one side (the loss of the first run: all runs are identical)."""
+    return {k: statistics.median(r[k] for r in rows) for k in ("step_s", "tokens_per_s", "cpu_s", "peak_mib", "tflops")} | \
+        {k: rows[0][k] for k in ("loss", "cpu_path", "threads")}
 
 
 if __name__ == "__main__":

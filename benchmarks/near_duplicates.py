@@ -106,6 +106,9 @@ def main() -> None:
     ap.add_argument("--planted", type=int, default=200)
     ap.add_argument("--old", type=int, default=0, help="also run the previous search on the first N pairs")
     a = ap.parse_args()
+    from benchmarks.machine import machine_line
+
+    print(machine_line(), flush=True)
     pairs, planted = make_pairs(a.pairs, a.planted)
     fields = [fields_of(r) for r in pairs]
     found, cpu, wall = timed(near_duplicate_of, fields)

@@ -148,6 +148,10 @@ def main(argv=None) -> None:
     if a.side:  # child process: run one side, print one JSON line
         print("RESULT " + json.dumps((run_ours if a.side == "ours" else run_trl)(a.workdir, a)), flush=True)
         return
+    sys.path.insert(0, str(REPO))
+    from benchmarks.machine import machine_line
+
+    print(machine_line(), flush=True)
     if not (TRL_DIR / "trl").is_dir():
         sys.exit(f"TRL 1.12 not found in {TRL_DIR}: .venv/bin/pip install --no-deps --target {TRL_DIR} trl==1.12.0")
     results = {}

@@ -66,6 +66,9 @@ def main():
     ap.add_argument("--threads", type=int, default=1, help="torch threads for both engines")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from benchmarks.machine import machine_line
+
+    print(machine_line(args.threads), flush=True)
     from model.checkpoint import save_causal_lm
     from rollout import BuiltinEngine, SamplingParams, make_engine
 

@@ -29,18 +29,25 @@ def constant_with_warmup(step: int, warmup_steps: int) -> float:
 
 
 def build_adamw(model: torch.nn.Module, lr: float, betas: tuple[float, float], eps: float,
-                weight_decay: float) -> torch.optim.AdamW:
+                weight_decay: float, sparse_embedding: torch.nn.Embedding | None = None) -> torch.optim.AdamW:
     """AdamW over trainable parameters; no weight decay on biases and norm weights (1-D tensors), as usual.
 
     fused=True: one kernel per step instead of a loop over tensors; measured 6x faster on CPU for a 151,936 x 128
     embedding (0.05 s vs 0.3 s per step), and what transformers' Trainer (so TRL) uses by default.
+    sparse_embedding: an embedding of `model` to train with row-sparse gradients: it is switched to sparse=True and
+    the optimizer is a RowSparseAdamW that updates only the rows that move (same result as dense AdamW). Clip such
+    gradients with common.optim.clip_grad_norm_ (torch's does not take sparse gradients).
     """
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps, fused=True)
+    groups = [g for g in groups if g["params"]]
+    if sparse_embedding is None:
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
+    sparse_embedding.sparse = True
+    return RowSparseAdamW(groups, [sparse_embedding.weight], lr=lr, betas=betas, eps=eps)
 
 
 class SparseEmbeddingGrad:
@@ -75,3 +82,108 @@ class SparseEmbeddingGrad:
         self.rows = g.indices()[0]
         self.buffer.index_put_((self.rows,), g.values().to(self.buffer.dtype))
         self.weight.grad = self.buffer
+
+
+class RowSparseAdamW(torch.optim.AdamW):
+    """Fused AdamW that takes row-sparse gradients (an embedding with sparse=True) and updates only the rows that
+    move; dense gradients go through torch's AdamW unchanged.
+
+    AdamW's update of a row whose gradient has been zero at every step so far is the decoupled decay alone,
+    p <- p (1 - lr wd): its moments are zero. A row that had a gradient once ("active") gets the full update at
+    every later step (its moments decay). So for a parameter in `row_sparse` whose .grad is sparse, the active rows
+    are gathered, stepped by the same fused kernel and written back, and every other row only gets the decay (one
+    multiply over the tensor, none when weight_decay is 0). A reward model's 151,936-row embedding is 97% of a small
+    model's parameters while a step touches a few hundred rows: the dense step reads and writes all of it 7 times.
+    Same values as torch.optim.AdamW on the densified gradient (tests/test_common.py checks equality), and the same
+    state_dict (dense moments, per-parameter step), so checkpoints load either way. The set of active rows is
+    derived from the moments (rows with a nonzero moment) after a load and kept up to date afterwards.
+    """
+
+    def __init__(self, params, row_sparse, **kw):
+        super().__init__(params, fused=True, **kw)
+        if any(g["amsgrad"] for g in self.param_groups):
+            raise ValueError("RowSparseAdamW does not implement amsgrad")
+        self.row_sparse = set(row_sparse)
+        self._active: dict = {}  # parameter -> (rows,) bool: rows with a nonzero gradient at some step
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        self._active = {}
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        held = []  # (group, parameter, sparse grad): kept away from the dense step
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p in self.row_sparse and p.grad is not None:
+                    if p.grad.is_sparse:
+                        held.append((group, p, p.grad))
+                        p.grad = None
+                    else:
+                        self._active.pop(p, None)  # a dense step may move any row
+        try:
+            loss = super().step(closure)
+        finally:
+            for _, p, g in held:
+                p.grad = g
+        for group, p, g in held:
+            self._step_rows(group, p, g)
+        return loss
+
+    def _step_rows(self, group, p, g):
+        state = self.state[p]
+        if not state:  # as torch's fused AdamW initialises it
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        active = self._active.get(p)
+        if active is None:
+            active = self._active[p] = ((m != 0) | (v != 0)).flatten(1).any(1)  # (rows,)
+        g = g.coalesce()
+        rows, values = g.indices()[0], g.values()  # (n,) sorted and distinct, (n, H)
+        nonzero = values.flatten(1).ne(0).any(1)  # a looked-up row can get an all-zero gradient (a padding token)
+        rows, values = rows[nonzero], values[nonzero]
+        active[rows] = True  # "had a nonzero gradient": exactly the rows with nonzero moments, also after a resume
+        idx = active.nonzero().squeeze(1)  # (a,) sorted
+        grad = torch.zeros((idx.numel(), *p.shape[1:]), dtype=p.dtype, device=p.device)
+        grad.index_copy_(0, torch.searchsorted(idx, rows), values.to(p.dtype))  # (a, H): zero where not touched
+        pa, ma, va = p.index_select(0, idx), m.index_select(0, idx), v.index_select(0, idx)
+        lr, wd = group["lr"], group["weight_decay"]
+        if wd != 0:
+            p.mul_(1 - lr * wd)  # every row's decay, as the fused kernel computes it; active rows are replaced below
+        state["step"] += 1
+        b1, b2 = group["betas"]
+        torch._fused_adamw_([pa], [grad], [ma], [va], [], [state["step"]], lr=lr, beta1=b1, beta2=b2,
+                            weight_decay=wd, eps=group["eps"], amsgrad=False, maximize=group["maximize"],
+                            grad_scale=None, found_inf=None)
+        p.index_copy_(0, idx, pa)
+        m.index_copy_(0, idx, ma)
+        v.index_copy_(0, idx, va)
+
+
+def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_ (L2) that also takes sparse gradients: a sparse gradient is coalesced in place
+    (each row once) and counts, and is scaled, through its stored values, which is the norm and the clipping of its
+    densified version. Returns the total norm of all gradients, before clipping."""
+    dense, sparse = [], []
+    for p in params:
+        if p.grad is None:
+            continue
+        if p.grad.is_sparse:
+            p.grad = p.grad.coalesce()
+            sparse.append(p.grad.values())
+        else:
+            dense.append(p)
+    norms = [torch.linalg.vector_norm(x, 2.0) for x in sparse]
+    if dense:
+        norms.append(torch.nn.utils.get_total_norm([p.grad for p in dense], 2.0))
+    if not norms:
+        return torch.tensor(0.0)
+    total = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]), 2.0)
+    if dense:
+        torch.nn.utils.clip_grads_with_norm_(dense, max_norm, total)
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)  # as clip_grads_with_norm_
+    for x in sparse:
+        x.mul_(coef.to(x.dtype))
+    return total

@@ -1,7 +1,8 @@
 """A scalar head on a causal-LM backbone, for reward and value models (Qwen report sec. 3.2.1).
 
-The head gives one value per position (B, T); which position is read (the reward end token for a reward model,
-every response token for a value model) is the caller's choice, never guessed here. Two implementations with the
+The head gives one value per position (B, T), or (B, n) at the positions the caller asks for; which position is read
+(the reward end token for a reward model, every response token for a value model) is the caller's choice, never
+guessed here. Two implementations with the
 same interface (forward, get_decoder, get_input_embeddings, resize_embeddings, save_pretrained, fresh_head):
 - `ScalarHeadModel`: the custom Qwen2/Qwen3 backbone (model/qwen.py). Saved folders are Hugging Face
   `Qwen2ForSequenceClassification` / `Qwen3ForSequenceClassification` checkpoints (`model.*` + `score.weight`,
@@ -63,9 +64,11 @@ class ScalarHeadModel(nn.Module):
     def gradient_checkpointing_enable(self, **_):
         self.model.gradient_checkpointing = True
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None):
-        hidden = self.model(input_ids, attention_mask, position_ids)  # (B, T, H)
-        return self.score(hidden).squeeze(-1).float()  # (B, T)
+    def forward(self, input_ids, attention_mask=None, position_ids=None, positions=None):
+        """Values (B, T) at every position, or (B, n) at `positions` (B, n) only: then the backbone's last layer,
+        the final norm and the head run on those n positions alone (QwenModel.forward), the reward model's case."""
+        hidden = self.model(input_ids, attention_mask, position_ids, positions=positions)  # (B, T or n, H)
+        return self.score(hidden).squeeze(-1).float()  # (B, T) or (B, n)
 
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype = torch.float32, head_seed: int = 0) -> "ScalarHeadModel":
@@ -132,10 +135,14 @@ class HFScalarHeadModel(nn.Module):
     def gradient_checkpointing_enable(self, **_):
         self.net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, positions=None):
+        """Values (B, T), or (B, n) at `positions` (B, n) only (the head runs there; the backbone runs in full)."""
         out = self.net.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                   use_cache=False)
-        return self.net.score(out.last_hidden_state).squeeze(-1).float()  # (B, T)
+        hidden = out.last_hidden_state  # (B, T, H)
+        if positions is not None:
+            hidden = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))  # (B, n, H)
+        return self.net.score(hidden).squeeze(-1).float()  # (B, T) or (B, n)
 
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype = torch.float32, head_seed: int = 0) -> "HFScalarHeadModel":

@@ -15,10 +15,40 @@ from data.chatml import IGNORE_INDEX
 DEFAULT_CHUNK = 256  # rows per chunk: 256 x 151,936 fp32 logits = 156 MB
 
 
-def _chunk_logits(h, weight, temperature):
-    """fp32 logits (n, V) of one chunk; the matmul runs in the model dtype as the dense head would."""
-    logits = (h @ weight.t()).float()
-    return logits / temperature if temperature != 1.0 else logits
+# Every kernel below allocates ONE (chunk, V) fp32 buffer per call and works in it in place: each chunk's logits
+# are written into it by the matmul, and the softmax / its gradient overwrite them. A fresh 156 MB tensor per chunk
+# (and per temporary of logsumexp) costs a page fault per 4 KiB page, about 0.1 s per allocation on a cloud VM, and
+# more memory; one buffer is faulted in once. docs/DESIGN.md "Speed on CPU vector paths" has the measurements.
+
+def _chunk_buffer(hidden, chunk_size: int, V: int) -> torch.Tensor:
+    return hidden.new_empty(min(chunk_size, max(hidden.shape[0], 1)), V, dtype=torch.float32)
+
+
+def _logits_into(buf, h, weight, temperature):
+    """fp32 logits (n, V) of one chunk in buf[:n]; the matmul runs in the model dtype as the dense head would."""
+    out = buf[:h.shape[0]]
+    if h.dtype == torch.float32 and weight.dtype == torch.float32:
+        torch.mm(h, weight.t(), out=out)
+    else:
+        out.copy_(h @ weight.t())
+    return out.div_(temperature) if temperature != 1.0 else out
+
+
+def _exp_shifted_(z):
+    """In place: z (n, V) -> exp(z - max) (n, V); returns (max (n, 1), sum of exp (n, 1)). logsumexp = max + log(sum).
+    One exp pass and no temporary of z's size (torch.logsumexp allocates one)."""
+    m = z.amax(dim=1, keepdim=True)
+    z.sub_(m).exp_()
+    return m, z.sum(dim=1, keepdim=True)
+
+
+def _accumulate_grad_w(grad_w, gl, h, first: bool):
+    """grad_w (V, H) fp32 (+)= gl.T @ h for one chunk: gl (n, V), h (n, H); fp32 accumulation in any model dtype."""
+    a, b = (gl.t(), h) if gl.dtype == h.dtype == torch.float32 else (gl.t().float(), h.float())
+    if first:
+        torch.mm(a, b, out=grad_w)
+    else:
+        grad_w.addmm_(a, b)
 
 
 class _TokenLogprobs(torch.autograd.Function):
@@ -31,17 +61,31 @@ class _TokenLogprobs(torch.autograd.Function):
         lse = hidden.new_zeros(N, dtype=torch.float32)
         valid = labels != IGNORE_INDEX
         safe = labels.clamp(min=0)
+        buf = _chunk_buffer(hidden, chunk_size, weight.shape[0])
+        ebuf = torch.empty_like(buf) if with_entropy else None
         for s in range(0, N, chunk_size):
-            logits = _chunk_logits(hidden[s:s + chunk_size], weight, temperature)  # (n, V)
-            c_lse = torch.logsumexp(logits, dim=-1)
+            z = _logits_into(buf, hidden[s:s + chunk_size], weight, temperature)  # (n, V)
+            picked = z.gather(1, safe[s:s + chunk_size, None]).squeeze(1)
+            if with_entropy:  # H = log(sum e) - sum(e y) / sum e with y = z - max, e = exp(y)
+                m = z.amax(dim=1, keepdim=True)
+                y = z.sub_(m)
+                e = torch.exp(y, out=ebuf[:y.shape[0]])
+                tot = e.sum(dim=1, keepdim=True)
+                ey = torch.bmm(e[:, None, :], y[:, :, None]).view(-1, 1)  # (n, 1) sum(e * y) without a temporary
+                entropy[s:s + chunk_size] = (tot.log() - ey / tot).squeeze(1)
+            else:
+                m, tot = _exp_shifted_(z)
+            c_lse = (m + tot.log()).squeeze(1)
             lse[s:s + chunk_size] = c_lse
-            logp[s:s + chunk_size] = logits.gather(1, safe[s:s + chunk_size, None]).squeeze(1) - c_lse
-            if with_entropy:
-                p = torch.softmax(logits, dim=-1)
-                entropy[s:s + chunk_size] = c_lse - (p * logits).sum(-1)
+            logp[s:s + chunk_size] = picked - c_lse
         logp = torch.where(valid, logp, torch.zeros_like(logp))
         ctx.save_for_backward(hidden, weight, safe, valid, lse)
         ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        # All rows in one chunk and a gradient to come: keep exp(logits - max) (n, V) and its row sums for the
+        # backward instead of recomputing the logits there (3 head matmuls instead of 4, same memory: the backward
+        # would allocate that buffer again). Used once; a second backward (retain_graph) recomputes.
+        ctx.kept = ((ebuf if with_entropy else buf)[:N], tot) if 0 < N <= chunk_size and any(
+            ctx.needs_input_grad[:2]) else None
         ctx.mark_non_differentiable(entropy)
         return logp, entropy
 
@@ -51,19 +95,26 @@ class _TokenLogprobs(torch.autograd.Function):
         t, cs = ctx.temperature, ctx.chunk_size
         g = torch.where(valid, grad_logp, torch.zeros_like(grad_logp)) / t  # (N,)
         grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
+        grad_w = torch.empty(weight.shape, dtype=torch.float32, device=weight.device) \
             if ctx.needs_input_grad[1] else None
+        kept, ctx.kept = ctx.kept, None
+        buf = None if kept is not None else _chunk_buffer(hidden, cs, weight.shape[0])
         for s in range(0, hidden.shape[0], cs):
             h = hidden[s:s + cs]
-            # d logp / d logits = onehot(label) - softmax(logits), scaled by the upstream grad per row.
-            p = torch.exp(_chunk_logits(h, weight, t) - lse[s:s + cs, None])  # (n, V)
-            gl = -p * g[s:s + cs, None]
+            # d logp / d logits = onehot(label) - softmax(logits), scaled by the upstream grad per row; in place.
+            if kept is not None:  # one chunk, its exp(logits - max) kept by the forward
+                e, tot = kept
+                gl = e.mul_(-g[:, None] / tot)
+            else:
+                gl = _logits_into(buf, h, weight, t).sub_(lse[s:s + cs, None]).exp_().mul_(-g[s:s + cs, None])
             gl.scatter_add_(1, safe[s:s + cs, None], g[s:s + cs, None])
             gl = gl.to(hidden.dtype)
             if grad_h is not None:
-                grad_h[s:s + cs] = gl @ weight
+                torch.mm(gl, weight, out=grad_h[s:s + cs])
             if grad_w is not None:
-                grad_w += (gl.t() @ h).float()
+                _accumulate_grad_w(grad_w, gl, h, first=s == 0)
+        if grad_w is not None and hidden.shape[0] == 0:
+            grad_w.zero_()
         return grad_h, (grad_w.to(weight.dtype) if grad_w is not None else None), None, None, None, None
 
 
@@ -72,7 +123,9 @@ class _WeightedLogprobSum(torch.autograd.Function):
 
     The loss is linear in each log-prob, so d loss / d logits = coef * (onehot - softmax) is known per chunk as soon
     as the chunk's logits exist: 3 head matmuls per step (as a dense head) instead of 4 (forward + recompute), and
-    still only one chunk of logits in memory. The backward only scales the stored gradients by the upstream scalar.
+    still only one chunk of logits in memory. The backward only scales the stored gradients by the upstream scalar,
+    in place, and hands them over (no copy: autograd can take the tensor as .grad), so it runs once per forward
+    (a second backward through the same graph, retain_graph=True, is refused).
     """
 
     @staticmethod
@@ -81,32 +134,47 @@ class _WeightedLogprobSum(torch.autograd.Function):
         need_h, need_w = track_grad and hidden.requires_grad, track_grad and weight.requires_grad
         ctx.weight_dtype = weight.dtype
         grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_w = torch.empty(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         valid = labels != IGNORE_INDEX
         safe = labels.clamp(min=0)
         c = torch.where(valid, coef.float(), torch.zeros_like(coef, dtype=torch.float32))  # (N,)
         total = hidden.new_zeros((), dtype=torch.float32)
+        buf = _chunk_buffer(hidden, chunk_size, weight.shape[0])
         for s in range(0, hidden.shape[0], chunk_size):
-            h, lab, cc = hidden[s:s + chunk_size], safe[s:s + chunk_size, None], c[s:s + chunk_size]
-            logits = _chunk_logits(h, weight, temperature)  # (n, V)
-            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-            total += (cc * (logits.gather(1, lab) - lse).squeeze(1)).sum()
+            h, lab, cc = hidden[s:s + chunk_size], safe[s:s + chunk_size, None], c[s:s + chunk_size, None]
+            z = _logits_into(buf, h, weight, temperature)  # (n, V)
+            picked = z.gather(1, lab)  # (n, 1)
+            m, tot = _exp_shifted_(z)  # z is now exp(logits - max)
+            total += (cc * (picked - m - tot.log())).sum()
             if need_h or need_w:
-                gl = logits.sub_(lse).exp_().mul_(-cc[:, None] / temperature)  # in place: -coef * softmax / t
-                gl.scatter_add_(1, lab, cc[:, None] / temperature)
+                gl = z.mul_(-cc / (temperature * tot))  # -coef * softmax / t
+                gl.scatter_add_(1, lab, cc / temperature)
                 gl = gl.to(hidden.dtype)
                 if need_h:
                     torch.mm(gl, weight, out=grad_h[s:s + chunk_size])
                 if need_w:
-                    grad_w.addmm_(gl.t().float(), h.float())
-        ctx.save_for_backward(grad_h if need_h else None, grad_w)
+                    _accumulate_grad_w(grad_w, gl, h, first=s == 0)
+        if need_w and hidden.shape[0] == 0:
+            grad_w.zero_()
+        ctx.grads = (grad_h, grad_w)  # not save_for_backward: backward hands these very tensors to autograd
         return total
 
     @staticmethod
     def backward(ctx, g):
-        grad_h, grad_w = ctx.saved_tensors
-        return (grad_h * g.to(grad_h.dtype) if grad_h is not None else None,
-                (grad_w * g).to(ctx.weight_dtype) if grad_w is not None else None, None, None, None, None, None)
+        grads = getattr(ctx, "grads", None)
+        if grads is None:
+            raise RuntimeError("weighted_logprob_sum: backward ran twice through one forward (retain_graph); its "
+                               "gradient is computed in the forward and handed over once")
+        ctx.grads = None
+        grad_h, grad_w = grads
+        one = bool(g == 1)
+        if grad_h is not None and not one:
+            grad_h.mul_(g.to(grad_h.dtype))
+        if grad_w is not None:
+            if not one:
+                grad_w.mul_(g)
+            grad_w = grad_w.to(ctx.weight_dtype)
+        return grad_h, grad_w, None, None, None, None, None
 
 
 def _labelled_rows(hidden, labels):

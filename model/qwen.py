@@ -265,21 +265,41 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(hd, cfg.rms_norm_eps) if cfg.qk_norm else nn.Identity()
         self.k_norm = RMSNorm(hd, cfg.rms_norm_eps) if cfg.qk_norm else nn.Identity()
 
-    def forward(self, x, cos, sin, mask, logn, cache: KVCache | None):
+    def forward(self, x, cos, sin, mask, logn, cache: KVCache | None, rows=None):
+        """x (B, T, H) -> (B, T, H); with `rows` (B, n) only those positions query: -> (B, n, H) (keys and values
+        still come from all T positions)."""
         B, T, _ = x.shape
         nh, nkv, hd = self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim
-        q = self.q_norm(self.q_proj(x).view(B, T, nh, hd)).transpose(1, 2)  # (B, nh, T, hd)
+        xq = x if rows is None else _take(x, rows)  # (B, Tq, H)
+        Tq = xq.shape[1]
+        q = self.q_norm(self.q_proj(xq).view(B, Tq, nh, hd)).transpose(1, 2)  # (B, nh, Tq, hd)
         k = self.k_norm(self.k_proj(x).view(B, T, nkv, hd)).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, nkv, hd).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if rows is None:
+            q = apply_rope(q, cos, sin)
+        else:
+            q = apply_rope(q, _take(cos, rows), _take(sin, rows))
+            logn = None if logn is None else logn.gather(1, rows)
+            if mask is None:  # plain causal: query at position r sees keys 0..r
+                mask = (torch.arange(T, device=x.device) <= rows[:, :, None])[:, None]  # (B, 1, n, T)
+            else:
+                mask = mask.gather(2, rows[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[3]))
+        k = apply_rope(k, cos, sin)
         if logn is not None:
-            q = q * logn[:, None, :, None]  # (B, 1, T, 1)
+            q = q * logn[:, None, :, None]  # (B, 1, Tq, 1)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, S, hd)
+        # mask None: no padding, no packing, no window (QwenModel.forward): is_causal when queries and keys
+        # coincide, none at all for one decoded token; SDPA's CPU flash kernel then skips the masked blocks.
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.cfg.attention_dropout if self.training else 0.0,
-            enable_gqa=nkv != nh)  # (B, nh, T, hd)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, nh * hd))
+            is_causal=mask is None and Tq > 1, enable_gqa=nkv != nh)  # (B, nh, Tq, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, Tq, nh * hd))
+
+
+def _take(x, rows):
+    """x (B, T, ...) at positions rows (B, n) -> (B, n, ...)."""
+    return x.gather(1, rows.reshape(*rows.shape, *[1] * (x.dim() - 2)).expand(*rows.shape, *x.shape[2:]))
 
 
 class MLP(nn.Module):
@@ -302,9 +322,22 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.dropout = nn.Dropout(cfg.hidden_dropout)
 
-    def forward(self, x, cos, sin, mask, logn, cache):
-        x = x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin, mask, logn, cache))
+    def forward(self, x, cos, sin, mask, logn, cache, rows=None):
+        """(B, T, H) -> (B, T, H), or (B, n, H) at positions `rows` (B, n) only (see QwenModel.forward)."""
+        a = self.self_attn(self.input_layernorm(x), cos, sin, mask, logn, cache, rows)
+        x = (x if rows is None else _take(x, rows)) + self.dropout(a)
         return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+
+
+def is_plain_causal(attention_mask, position_ids, past_len: int, T: int) -> bool:
+    """True when the mask build_attention_mask would give is plain causal attention over the whole row, so SDPA
+    can run with is_causal (or, for one decoded token, no mask): no padding, no packed documents (a position id 0
+    after the first token), and either no cache or a single new token."""
+    if past_len > 0 and T > 1:
+        return False  # is_causal aligns the query block to the first key, not the last
+    if not bool(attention_mask.bool().all()):
+        return False
+    return past_len > 0 or T < 2 or not bool((position_ids[:, 1:] == 0).any())
 
 
 def build_attention_mask(attention_mask, position_ids, past_len: int, T: int, window: int | None):
@@ -340,10 +373,14 @@ class QwenModel(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None,
-                inputs_embeds=None, ntk_lengths: torch.Tensor | None = None):
+                inputs_embeds=None, ntk_lengths: torch.Tensor | None = None, positions: torch.Tensor | None = None):
         """Hidden states (B, T, H). attention_mask (B, past + T), position_ids (B, T) (default: counted over the
         real tokens). ntk_lengths (B,): the sequence length that sets each row's dynamic NTK factor, instead of the
-        rule (each sequence's own length; with a cache, the factor fixed at prefill)."""
+        rule (each sequence's own length; with a cache, the factor fixed at prefill).
+        positions (B, n) (indices into T): return the final hidden states there only, (B, n, H). The last layer
+        then computes queries, attention output and MLP at those n positions instead of all T (its keys and values
+        still come from every token), and the final norm runs on n rows: a reward model reads one position per
+        sequence, so most of the last layer's work and activations go. Values equal the full forward's there."""
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, H)
         B, T = x.shape[:2]
         past = 0 if cache is None else cache.length
@@ -360,15 +397,27 @@ class QwenModel(nn.Module):
         logn = None
         if cfg.use_logn_attn and extend:
             logn = (torch.log(position_ids.float() + 1) / math.log(cfg.train_len)).clamp(min=1.0).to(x.dtype)  # (B, T)
+        if positions is not None and cache is not None:
+            raise ValueError("positions (final hidden states at some positions only) cannot be used with a KV cache")
+        # no padding, packing or window: no mask at all, SDPA runs causal (None below) - faster, no (B, T, S) mask
+        plain = is_plain_causal(attention_mask, position_ids, past, T)
         masks = {}
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             w = cfg.window_for_layer(i, extend)
+            if w is not None and w >= past + T:
+                w = None  # a window longer than the row cuts nothing
             if w not in masks:
-                masks[w] = build_attention_mask(attention_mask, position_ids, past, T, w)
+                masks[w] = None if plain and w is None else build_attention_mask(attention_mask, position_ids, past,
+                                                                                  T, w)
+            rows = positions if i == last else None
             if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, masks[w], logn, cache, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, masks[w], logn, cache, rows,
+                                                      use_reentrant=False)
             else:
-                x = layer(x, cos, sin, masks[w], logn, cache)
+                x = layer(x, cos, sin, masks[w], logn, cache, rows)
+        if positions is not None and not self.layers:
+            x = _take(x, positions)
         return self.norm(x)
 
     def _ntk_alpha(self, mask, position_ids, cache: KVCache | None, ntk_lengths) -> torch.Tensor | None:

@@ -85,8 +85,9 @@ def score(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, reward_i
     """Scalar rewards (B,) of padded sequences (B, T), either padding side. `model`: ScalarHeadModel."""
     pos = reward_positions(input_ids, attention_mask, reward_id)  # (B,)
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T): left pads do not shift RoPE
-    values = model(input_ids, attention_mask=attention_mask, position_ids=position_ids)  # (B, T)
-    return values.gather(1, pos[:, None]).squeeze(1)  # (B,)
+    # only the reward position is computed past the last layer's keys and values (model.heads: `positions`)
+    values = model(input_ids, attention_mask=attention_mask, position_ids=position_ids, positions=pos[:, None])
+    return values.squeeze(1)  # (B,)
 
 
 def pad_sequences(seqs: list[list[int]], pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:

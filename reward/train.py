@@ -47,8 +47,9 @@ class RewardConfig:
                                          "<|reward|>)")
     head_seed: int = cfg(0, "seed of the fresh scalar head when model_path is a causal LM")
     gradient_checkpointing: bool = cfg(False, "recompute activations in the backward to save memory")
-    sparse_embedding_grad: bool = cfg(True, "embedding gradient as sparse rows, densified once per step (exact, "
-                                            "faster with a large vocab; ignored under DeepSpeed)")
+    sparse_embedding_grad: bool = cfg(True, "embedding gradient as sparse rows; clipping and AdamW touch only the "
+                                            "rows that move (exact, faster and smaller with a large vocab; ignored "
+                                            "under DeepSpeed)")
     # --- data ---
     train_files: list[str] = cfg([], "preference files (prompt/chosen/rejected JSONL, JSON, parquet, arrow)",
                                  required=True)
@@ -156,7 +157,7 @@ def train(c: RewardConfig) -> list[float]:
     from common.guard import check_finite
     from common.loop import (batch_words, begin_run, check_warmup, mini_batch_rows, rank_micro_batches,
                              restore_run_state, steps_per_epoch)
-    from common.optim import SparseEmbeddingGrad, build_adamw, constant_with_warmup
+    from common.optim import build_adamw, clip_grad_norm_, constant_with_warmup
     from common.preflight import check_vocab
 
     # 0. checks that need no model (paths, data files): seconds
@@ -190,8 +191,9 @@ def train(c: RewardConfig) -> list[float]:
         model.gradient_checkpointing_enable()
     model.train()
     use_sparse = c.sparse_embedding_grad and acc.distributed_type.value != "DEEPSPEED"
-    emb_grad = SparseEmbeddingGrad(model.get_input_embeddings()) if use_sparse else None
-    optimizer = build_adamw(model, c.lr, c.betas, c.eps, c.weight_decay)
+    # sparse embedding rows: the optimizer and the clip touch only the rows that move (common.optim.RowSparseAdamW)
+    optimizer = build_adamw(model, c.lr, c.betas, c.eps, c.weight_decay,
+                            sparse_embedding=model.get_input_embeddings() if use_sparse else None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: constant_with_warmup(s, c.warmup_steps))
     model, optimizer = acc.prepare(model, optimizer)
 
@@ -244,9 +246,9 @@ def train(c: RewardConfig) -> list[float]:
 
         # 6. NaN guard, clip, step, log, checkpoint
         check_finite(step + 1, {"loss": loss_val}, run.last_ckpt)
-        if emb_grad is not None:
-            emb_grad.densify()
-        grad_norm = acc.clip_grad_norm_(model.parameters(), c.grad_clip if c.grad_clip > 0 else math.inf)
+        max_norm = c.grad_clip if c.grad_clip > 0 else math.inf
+        grad_norm = clip_grad_norm_(model.parameters(), max_norm) if use_sparse else \
+            acc.clip_grad_norm_(model.parameters(), max_norm)
         if grad_norm is not None:  # None under DeepSpeed before its first step (it clips internally)
             check_finite(step + 1, {"grad_norm": grad_norm}, run.last_ckpt)
         lr = scheduler.get_last_lr()[0]

@@ -15,7 +15,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2ForSequenceClassifi
 
 from model.checkpoint import load_causal_lm, save_causal_lm
 from model.heads import ScalarHeadModel
-from model.qwen import QwenConfig, QwenForCausalLM, dynamic_ntk_alpha, rope_inv_freq
+from model.qwen import QwenConfig, QwenForCausalLM, dynamic_ntk_alpha, is_plain_causal, rope_inv_freq
 
 pytestmark = pytest.mark.numerics
 
@@ -140,6 +140,40 @@ def test_kv_cache_decoding_equals_full_forward(tmp_path):
     assert_within(inc[real], ref[real], bound[real], "KV-cache decoding")
 
 
+def test_is_plain_causal_decides_by_hand():
+    """SDPA runs with is_causal (no mask) only where the mask would be plain causal over the whole row."""
+    ones, pos = torch.ones(2, 5, dtype=torch.long), torch.arange(5).expand(2, 5)
+    assert is_plain_causal(ones, pos, 0, 5)
+    assert not is_plain_causal(torch.tensor([[0, 1, 1, 1, 1], [1] * 5]), pos, 0, 5)  # padding
+    assert not is_plain_causal(ones, torch.tensor([[0, 1, 2, 0, 1]] * 2), 0, 5)  # packed documents
+    assert is_plain_causal(torch.ones(2, 6, dtype=torch.long), pos[:, :1], 5, 1)  # one decoded token
+    assert not is_plain_causal(torch.ones(2, 9, dtype=torch.long), pos[:, :4], 5, 4)  # a block after a cache
+
+
+@pytest.mark.parametrize("kv", [1, 2, 4])
+def test_causal_and_masked_attention_paths_equal_float64(tmp_path, monkeypatch, kv):
+    """An unpadded batch takes SDPA's is_causal path; the same batch through the boolean-mask path (forced), the
+    final states at a few positions only (reward scores), and KV-cache decoding: each within the rounding bound of
+    the float64 forward."""
+    import model.qwen as qwen
+
+    _, ours = pair(tmp_path, num_key_value_heads=kv)
+    ids = torch.randint(0, 257, (3, 21))
+    ref, bound = Reference64(ours)(ids)
+    rows = torch.tensor([[20], [7], [0]])
+    pos_ref, pos_bound = (x.gather(1, rows[..., None].expand(-1, -1, x.shape[-1])) for x in (ref, bound))
+    decoder, head = ours.get_decoder(), ours.get_output_embeddings()
+    for path in ("causal", "masked"):
+        if path == "masked":
+            monkeypatch.setattr(qwen, "is_plain_causal", lambda *a: False)
+        assert_within(logits(ours, ids), ref, bound, f"{path} path")
+        with torch.no_grad():
+            at = head(decoder(ids, positions=rows))  # (3, 1, V)
+        assert_within(at, pos_ref, pos_bound, f"{path} path, final states at given positions")
+        inc = kv_cache_logits(ours, ids, torch.ones_like(ids), 5)
+        assert_within(inc, ref, bound, f"{path} path, KV-cache decoding")
+
+
 def test_packed_documents_do_not_attend_across(tmp_path):
     _, ours = pair(tmp_path)
     ref64 = Reference64(ours)
@@ -166,10 +200,13 @@ def test_sliding_window_layers_equal_transformers(tmp_path):
 
 
 def layer_masks(model, ids):
-    """The boolean attention mask (T, S) each decoder layer receives for one row."""
+    """The boolean attention mask (T, S) each decoder layer receives for one row (None, SDPA's is_causal, as the
+    causal mask it stands for)."""
     seen = {}
-    hooks = [layer.register_forward_pre_hook(lambda mod, args, i=i: seen.__setitem__(i, args[3][0, 0].clone()))
-             for i, layer in enumerate(model.model.layers)]
+    causal = torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool).tril()
+    hooks = [layer.register_forward_pre_hook(
+        lambda mod, args, i=i: seen.__setitem__(i, causal if args[3] is None else args[3][0, 0].clone()))
+        for i, layer in enumerate(model.model.layers)]
     try:
         with torch.no_grad():
             model(ids)
