@@ -162,14 +162,10 @@ def build_rows(c: KTOConfig, tokenizer) -> tuple[list[dict], str]:
 def check_start(c: KTOConfig) -> None:
     """Phase 0, before the accelerator and any model: output_dir, the model folder (or init_config) and every file
     of ratings (read and validated once; build_rows takes the result). A mistake here fails in seconds."""
-    from common.preflight import check_config_file, check_model_folder, check_output_dir
+    from common.preflight import check_trainer_start
     from data.datasets import check_records
 
-    check_output_dir(c.output_dir)
-    if c.model_path is not None:
-        check_model_folder(c.model_path, "model_path")
-    else:
-        check_config_file(c.init_config, "init_config")
+    check_trainer_start(c)
     for path in c.train_files:
         _, kind = check_records(path)
         if kind not in ("unpaired", "preference"):

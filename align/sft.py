@@ -173,14 +173,10 @@ def thumbs_up_only(records: list[dict], path: str, keep_negative: bool) -> tuple
 def check_start(c: SFTConfig) -> None:
     """Phase 0, before the accelerator and any model: output_dir, the model folder (or init_config) and every data
     file (read and validated once; build_rows takes the result). A mistake here fails in seconds."""
-    from common.preflight import check_config_file, check_model_folder, check_output_dir
+    from common.preflight import check_trainer_start
     from data.datasets import check_records
 
-    check_output_dir(c.output_dir)
-    if c.model_path is not None:
-        check_model_folder(c.model_path, "model_path")
-    else:
-        check_config_file(c.init_config, "init_config")
+    check_trainer_start(c)
     for path in c.train_files:
         records, _ = check_records(path, kind="text" if c.data_kind == "text" else "sft")
         if c.data_kind == "sft":

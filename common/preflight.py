@@ -71,6 +71,16 @@ def check_config_file(path: str | Path, field: str) -> dict:
     return cfg
 
 
+def check_trainer_start(c) -> None:
+    """The start of every trainer's phase 0 (SFT, DPO, KTO): output_dir, then the model folder, or init_config when
+    no model_path is given."""
+    check_output_dir(c.output_dir)
+    if c.model_path is not None:
+        check_model_folder(c.model_path, "model_path")
+    else:
+        check_config_file(c.init_config, "init_config")
+
+
 def config_vocab(cfg: dict) -> int | None:
     """vocab_size of a config.json dict (or of its text_config, for multimodal configs); None if it has none."""
     for d in (cfg, cfg.get("text_config") or {}):
