@@ -22,12 +22,3 @@ def small_tok():
 
     return small_tokenizer()
 
-
-def pytest_collection_modifyitems(items):
-    """`make test-slow` runs two tests at a time (pytest-xdist, --dist loadgroup): tests that share an expensive module
-    fixture carry one xdist_group, so they go to one worker and the fixture is built once. test_user_journey's `trip`
-    (a whole folder's journey, minutes each) is parametrised, so its group is set here, one per folder kind."""
-    for item in items:
-        params = getattr(getattr(item, "callspec", None), "params", {})
-        if getattr(item.module, "__name__", "") == "test_user_journey" and "trip" in params:
-            item.add_marker(pytest.mark.xdist_group(f"user-journey-{params['trip']}"))

@@ -62,8 +62,8 @@ def assert_same_weights(a: Path, b: Path, atol: float = 2e-5):
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
     """one_process(args) -> the output folder of one plain process run with `args` (+ --output_dir), run once per
-    module: the ZeRO-2 and ZeRO-3 cases of a test compare against the same reference run (under pytest-xdist they
-    share an xdist_group, so they land on the same worker)."""
+    module: the ZeRO-2 and ZeRO-3 cases of a test compare against the same reference run (`make test-slow`'s
+    --dist loadfile keeps a file's tests on one worker)."""
     done: dict[tuple[str, ...], Path] = {}
 
     def reference(args: list[str]) -> Path:
@@ -121,8 +121,7 @@ def files(tmp_path_factory):
     return d
 
 
-@pytest.mark.parametrize("zero,lora_r", [pytest.param(2, 0, marks=pytest.mark.xdist_group("deepspeed-sft")),
-                                         pytest.param(3, 0, marks=pytest.mark.xdist_group("deepspeed-sft")), (3, 4)])
+@pytest.mark.parametrize("zero,lora_r", [(2, 0), (3, 0), (3, 4)])
 def test_sft_under_zero_equals_one_process_and_resumes_exactly(files, tmp_path, one_process, zero, lora_r):
     """Global mini batch 8: one process x micro 2 x accum 4 vs 2 ranks x micro 2 x accum 2. The DeepSpeed run stops
     after step 2 (checkpoint with each rank's shard; LoRA: the adapter) and a second launch resumes it to step 4
@@ -186,7 +185,6 @@ def test_reward_model_under_zero3_equals_one_process(files, tmp_path, one_proces
     assert stats[1]["std"] == pytest.approx(stats[0]["std"], rel=1e-4)
 
 
-@pytest.mark.xdist_group("deepspeed-dpo")
 @pytest.mark.parametrize("zero", [2, 3])
 def test_dpo_under_zero_resumes_exactly(files, tmp_path, one_process, zero):
     """DPO (cached reference, + NLL term) on 2 ZeRO ranks, interrupted after step 2 and resumed, equals one process.

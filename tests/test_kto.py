@@ -280,8 +280,8 @@ def zero_args(files) -> list[str]:
 
 @pytest.fixture(scope="module")
 def one_process_for_zero(files, tmp_path_factory):
-    """One plain process x micro 2 x accum 4 of zero_args, run once for the ZeRO-2 and ZeRO-3 cases (they share an
-    xdist_group under pytest-xdist, so they land on the same worker). Its output folder."""
+    """One plain process x micro 2 x accum 4 of zero_args, run once for the ZeRO-2 and ZeRO-3 cases (a file's tests
+    stay on one worker under `make test-slow`'s --dist loadfile). Its output folder."""
     out = tmp_path_factory.mktemp("kto_one") / "one"
     subprocess.run([sys.executable, *zero_args(files), "--grad_accum_steps", "4", "--output_dir", str(out)],
                    check=True, env=ENV, cwd=REPO)
@@ -289,7 +289,6 @@ def one_process_for_zero(files, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("kto-zero")
 @pytest.mark.parametrize("zero", [2, 3])
 def test_under_zero_resumes_exactly(files, tmp_path, one_process_for_zero, zero):
     """2 DeepSpeed ZeRO ranks (configs/accelerate/zero{2,3}.yaml), interrupted after step 2 and resumed, equal one

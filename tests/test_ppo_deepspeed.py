@@ -83,14 +83,11 @@ def launch(argv: list[str], zero: int | None, tmp: Path, check: bool = True, ran
 @pytest.fixture(scope="module")
 def one_process(world, tmp_path_factory):
     """The plain one-process run of args(world, ...), run once per module: the ZeRO-2, ZeRO-3 and ZeRO-3 resume
-    tests all compare against it (under pytest-xdist they share an xdist_group, so they land on the same worker).
+    tests all compare against it (`make test-slow`'s --dist loadfile keeps a file's tests on one worker).
     Its output folder."""
     out = tmp_path_factory.mktemp("ppo_one") / "one"
     launch(args(world, out), None, out.parent)
     return out
-
-
-ONE_PROCESS = pytest.mark.xdist_group("ppo-deepspeed-one-process")
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -121,7 +118,6 @@ def assert_same_weights(a: Path, b: Path):
         torch.testing.assert_close(wb[k], wa[k], atol=1e-5, rtol=1e-4, msg=k)
 
 
-@ONE_PROCESS
 @pytest.mark.parametrize("zero", [2, 3])
 def test_ppo_under_zero_equals_one_process(world, tmp_path, one_process, zero):
     """2 ranks under zero{2,3}.yaml vs one plain process, same config: every logged metric (scores, KL, value and
@@ -161,7 +157,6 @@ def test_sync_from_zero3_shards_gathers_one_bucket_at_a_time(world, tmp_path, lo
     assert r["compared"] == r["copy_tensors"]  # every weight of the copy compared
 
 
-@ONE_PROCESS
 def test_ppo_zero3_resumes_exactly_and_refuses_other_launches(world, tmp_path, one_process):
     """A ZeRO-3 run stopped after step 2 (checkpoint: both engines' shards, KL controller, reward statistics, RNG)
     and resumed by a second launch logs the same step 3 and ends with the same weights as an uninterrupted run

@@ -17,8 +17,7 @@ from rollout import LENGTH, STOP, BuiltinEngine, GreedyMismatch, SamplingParams,
 from rollout.builtin import top_p_filter
 from rollout.sync import full_state_dict
 
-pytestmark = [pytest.mark.slow,  # one engine start is 5-30 s on 2 shared cores
-              pytest.mark.xdist_group("vllm-engine")]  # one worker, so the module's engine starts once
+pytestmark = pytest.mark.slow  # one engine start is 5-30 s on 2 shared cores
 
 
 def tiny(seed=0, **over):
