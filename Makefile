@@ -39,8 +39,11 @@ test-numerics: setup
 	ATEN_CPU_CAPABILITY=default $(PY) -c "import torch; print('torch CPU capability:', torch.backends.cpu.get_cpu_capability())"
 	ATEN_CPU_CAPABILITY=default $(PY) -m pytest -q -m "numerics and not slow"
 
+# Two tests at a time (pytest-xdist): much of each slow test is process start-up or a one-process reference run that
+# leaves a core idle. --dist loadfile keeps each file's tests on one worker, so a module fixture (a shared reference
+# run, the vLLM engine, a user-journey folder) is built once.
 test-slow: setup
-	$(PY) -m pytest -q -m slow; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
+	$(PY) -m pytest -q -m slow -n 2 --dist loadfile; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
 
 bench: setup
 	$(PY) benchmarks/model_step.py

@@ -236,7 +236,7 @@ def train(c: DPOConfig) -> list[float]:
 
     from common.guard import check_finite
     from common.loop import (batch_words, begin_run, check_warmup, full_weights, mini_batch_rows,
-                             rank_micro_batches, restore_run_state, steps_per_epoch)
+                             rank_micro_batches, restore_run_state, steps_per_epoch, unwrap_model)
     from common.metrics import plot_metrics
     from common.optim import build_adamw, warmup_cosine
     from common.preflight import check_vocab
@@ -269,7 +269,7 @@ def train(c: DPOConfig) -> list[float]:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: warmup_cosine(s, c.warmup_steps, total, c.min_lr_ratio))
     model, optimizer = acc.prepare(SequenceLogprobs(lm, c.chunk_size), optimizer)  # scheduler stays ours
-    policy = acc.unwrap_model(model)
+    policy = unwrap_model(acc, model)
 
     # 4. resume: optimizer, scheduler, RNG, the cached reference table; the data position is the step
     start, state = 0, {}

@@ -224,7 +224,7 @@ def train(c: SFTConfig) -> list[float]:
 
     from common.guard import check_finite
     from common.loop import (batch_words, begin_run, check_warmup, full_weights, mini_batch_rows,
-                             rank_micro_batches, restore_run_state, steps_per_epoch)
+                             rank_micro_batches, restore_run_state, steps_per_epoch, unwrap_model)
     from common.metrics import plot_metrics
     from common.optim import build_adamw, warmup_cosine
     from common.preflight import check_vocab
@@ -281,7 +281,7 @@ def train(c: SFTConfig) -> list[float]:
 
     def checkpoint(step):
         def write_model(d):
-            save_model(acc.unwrap_model(model).lm, d, tokenizer)
+            save_model(unwrap_model(acc, model).lm, d, tokenizer)
         return run.save(acc, step, write_model, optimizer, scheduler, {"step": step, "n_rows": len(rows)},
                         c.keep_last)
 
@@ -331,7 +331,7 @@ def train(c: SFTConfig) -> list[float]:
         with full_weights(acc):  # ZeRO-3: every rank gathers the weights, the main process writes them
             if acc.is_main_process:
                 with run.writing("the final model"):
-                    save_model(acc.unwrap_model(model).lm, out / "final", tokenizer, merge=True)
+                    save_model(unwrap_model(acc, model).lm, out / "final", tokenizer, merge=True)
                     plot_metrics(out / "metrics.jsonl", out / "loss.png", ["loss", "lr"], title="SFT")
                 print(f"[sft] done: final model in {out / 'final'}, loss curve in {out / 'loss.png'}", flush=True)
     log.close()

@@ -68,6 +68,15 @@ def rank_micro_batches(rows: list[int], micro: int, accum: int, world: int, rank
     return [rows[(i * world + rank) * micro:(i * world + rank + 1) * micro] for i in range(accum)]
 
 
+def unwrap_model(acc, model):
+    """acc.unwrap_model(model) (the module inside DDP or a DeepSpeed engine). Without DeepSpeed: strip DDP here, as
+    accelerate would; accelerate's own imports deepspeed whenever it is installed (~3 s of CPU in every process
+    that saves) only to test for an engine that a run without DeepSpeed cannot have."""
+    if acc.distributed_type.value not in ("NO", "MULTI_CPU", "MULTI_GPU"):
+        return acc.unwrap_model(model)
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
 def resolve_precision(precision: str) -> str:
     """'auto' -> 'bf16' on a GPU that supports it, else 'no' (fp32); 'bf16' / 'fp32' as asked."""
     if precision == "auto":

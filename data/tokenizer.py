@@ -7,7 +7,8 @@ Qwen2 ids (151643 <|endoftext|>, 151644 <|im_start|>, 151645 <|im_end|>). We add
 which the reward model reads its score (docs/PITFALLS.md#reward-position), inside Qwen2's padded vocab of 151,936.
 
 Both tokenizers are built once into a cache folder (default ~/.cache/qwen-align, or $QWEN_ALIGN_CACHE) and reloaded
-with AutoTokenizer afterwards. A build goes to a temp dir that is renamed into place, so a half-built cache never exists.
+as the fast tokenizer they were saved as afterwards. A build goes to a temp dir that is renamed into place, so a
+half-built cache never exists.
 """
 
 from __future__ import annotations
@@ -41,8 +42,11 @@ def default_cache_root() -> Path:
 
 
 def _cached(folder: Path, build: Callable[[Path], None]):
-    """Load the tokenizer saved in `folder`, building it first (atomically, via a temp dir + rename) if missing."""
-    from transformers import AutoTokenizer
+    """Load the tokenizer saved in `folder`, building it first (atomically, via a temp dir + rename) if missing.
+    PreTrainedTokenizerFast, the class it was saved as: AutoTokenizer would give the same object but imports
+    transformers' model registry (generation utilities, torch.distributed.tensor, sympy), ~3 s of CPU at the start
+    of every process and every rank."""
+    from transformers import PreTrainedTokenizerFast
 
     if not (folder / "tokenizer.json").exists():
         folder.parent.mkdir(parents=True, exist_ok=True)
@@ -56,7 +60,7 @@ def _cached(folder: Path, build: Callable[[Path], None]):
                     raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    return AutoTokenizer.from_pretrained(str(folder))
+    return PreTrainedTokenizerFast.from_pretrained(str(folder))
 
 
 def _wrap_and_save(backend, out_dir: Path) -> None:

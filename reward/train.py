@@ -156,7 +156,7 @@ def train(c: RewardConfig) -> list[float]:
 
     from common.guard import check_finite
     from common.loop import (batch_words, begin_run, check_warmup, mini_batch_rows, rank_micro_batches,
-                             restore_run_state, steps_per_epoch)
+                             restore_run_state, steps_per_epoch, unwrap_model)
     from common.optim import build_adamw, clip_grad_norm_, constant_with_warmup
     from common.preflight import check_vocab
 
@@ -214,13 +214,13 @@ def train(c: RewardConfig) -> list[float]:
 
     def checkpoint(step):
         def write_model(d):
-            save_reward_model(acc.unwrap_model(model), d, tokenizer)
+            save_reward_model(unwrap_model(acc, model), d, tokenizer)
         return run.save(acc, step, write_model, optimizer, scheduler, {"step": step, "n_pairs": len(pairs)},
                         c.keep_last)
 
     def run_eval(step):
         if eval_pairs:
-            log.log(step, evaluate(acc.unwrap_model(model), eval_pairs, pad_id, reward_id, c.eval_batch_size,
+            log.log(step, evaluate(unwrap_model(acc, model), eval_pairs, pad_id, reward_id, c.eval_batch_size,
                                    acc.device))
 
     # 5. train
@@ -276,11 +276,11 @@ def train(c: RewardConfig) -> list[float]:
 
 def finish(c, acc, run, model, tokenizer, eval_pairs, pad_id, reward_id, total, out, run_eval) -> None:
     """7. final eval, normalisation stats on the reference set, final model folder with reward_stats.json, curves."""
-    from common.loop import full_weights
+    from common.loop import full_weights, unwrap_model
     from common.metrics import plot_metrics
 
     run_eval(total)
-    net = acc.unwrap_model(model).eval()
+    net = unwrap_model(acc, model).eval()
     norm_pairs = eval_pairs if not c.norm_files else build_pairs(c.norm_files, tokenizer, c)[0]
     norm_pairs = norm_pairs[:c.norm_max_pairs]
     rc, rr = score_pairs(net, norm_pairs, pad_id, reward_id, c.eval_batch_size, acc.device)

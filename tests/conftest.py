@@ -21,3 +21,4 @@ def small_tok():
     from data.tokenizer import small_tokenizer
 
     return small_tokenizer()
+

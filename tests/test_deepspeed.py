@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from launcher import accelerate_launch
 
 from common.metrics import read_jsonl
 
@@ -33,11 +34,8 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 def run(args: list[str], zero: int | None, tmp: Path, check: bool = True) -> subprocess.CompletedProcess:
     """One plain process (zero None) or `accelerate launch` with configs/accelerate/zero{2,3}.yaml on 2 ranks."""
     cmd = [sys.executable, *args]
-    if zero is not None:
-        cfg = (REPO / "configs" / "accelerate" / f"zero{zero}.yaml").read_text()
-        path = tmp / f"zero{zero}.yaml"
-        path.write_text(cfg.replace("num_processes: 8", "num_processes: 2"))  # bf16 in it: precision auto wins
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(path), *args]
+    if zero is not None:  # bf16 in the config: the run config's precision auto wins (fp32 on CPU)
+        cmd = [*accelerate_launch(f"zero{zero}", tmp), *args]
     out = subprocess.run(cmd, env=ENV, cwd=REPO, capture_output=True, text=True)
     if check and out.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed:\n{out.stderr[-4000:]}")
@@ -61,19 +59,36 @@ def assert_same_weights(a: Path, b: Path, atol: float = 2e-5):
         torch.testing.assert_close(wa[k], wb[k], atol=atol, rtol=1e-4, msg=k)
 
 
-def one_then_resumed(args: list[str], zero: int, tmp: Path, between=None) -> list[subprocess.CompletedProcess]:
-    """The same 4 steps with a global mini batch of 8: one process x micro 2 x accum 4 into tmp/one, and 2 DeepSpeed
-    ranks x micro 2 x accum 2 into tmp/ds, stopped after step 2 and resumed by a second launch (`between(ds_args)`
-    runs before it). `args` must hold --micro_batch_size_per_rank 2 --max_steps 4 --save_every 2. Returns the two
-    DeepSpeed launches."""
-    run([*args, "--grad_accum_steps", "4", "--output_dir", str(tmp / "one")], None, tmp)
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """one_process(args) -> the output folder of one plain process run with `args` (+ --output_dir), run once per
+    module: the ZeRO-2 and ZeRO-3 cases of a test compare against the same reference run (`make test-slow`'s
+    --dist loadfile keeps a file's tests on one worker)."""
+    done: dict[tuple[str, ...], Path] = {}
+
+    def reference(args: list[str]) -> Path:
+        if tuple(args) not in done:
+            out = tmp_path_factory.mktemp("one") / "run"
+            run([*args, "--output_dir", str(out)], None, out.parent)
+            done[tuple(args)] = out
+        return done[tuple(args)]
+
+    return reference
+
+
+def one_then_resumed(args: list[str], zero: int, tmp: Path, one_process, between=None):
+    """The same 4 steps with a global mini batch of 8: one process x micro 2 x accum 4 (the `one_process` fixture's
+    shared run), and 2 DeepSpeed ranks x micro 2 x accum 2 into tmp/ds, stopped after step 2 and resumed by a second
+    launch (`between(ds_args)` runs before it). `args` must hold --micro_batch_size_per_rank 2 --max_steps 4
+    --save_every 2. Returns (the one-process output folder, the two DeepSpeed launches)."""
+    one = one_process([*args, "--grad_accum_steps", "4"])
     ds = [*args, "--grad_accum_steps", "2", "--output_dir", str(tmp / "ds")]
     launches = [run([*ds, "--stop_at_step", "2"], zero, tmp)]
     if between is not None:
         between(ds)
     launches.append(run(ds, zero, tmp))
-    assert len(losses(tmp / "one")) == 4 and "resume from" in launches[1].stdout
-    return launches
+    assert len(losses(one)) == 4 and "resume from" in launches[1].stdout
+    return one, launches
 
 
 class Payload:
@@ -107,7 +122,7 @@ def files(tmp_path_factory):
 
 
 @pytest.mark.parametrize("zero,lora_r", [(2, 0), (3, 0), (3, 4)])
-def test_sft_under_zero_equals_one_process_and_resumes_exactly(files, tmp_path, zero, lora_r):
+def test_sft_under_zero_equals_one_process_and_resumes_exactly(files, tmp_path, one_process, zero, lora_r):
     """Global mini batch 8: one process x micro 2 x accum 4 vs 2 ranks x micro 2 x accum 2. The DeepSpeed run stops
     after step 2 (checkpoint with each rank's shard; LoRA: the adapter) and a second launch resumes it to step 4
     (LoRA: the final folder is the merged model)."""
@@ -136,18 +151,18 @@ def test_sft_under_zero_equals_one_process_and_resumes_exactly(files, tmp_path, 
             assert evil.returncode != 0 and "refused to load" in evil.stderr, evil.stderr[-3000:]
             assert not (tmp_path / "pwned").exists()
 
-    first, second = one_then_resumed(args, zero, tmp_path, between=refusals)
+    one, (first, second) = one_then_resumed(args, zero, tmp_path, one_process, between=refusals)
     assert "ranks 2" in first.stdout and "DEEPSPEED" in first.stdout
     ckpt = tmp_path / "ds" / "checkpoints" / "step-00000002"
     assert json.loads((ckpt / "deepspeed" / "zero.json").read_text()) == {"zero_stage": zero, "ranks": 2}
-    assert_same_weights(tmp_path / "one" / "checkpoints" / "step-00000002" / "model", ckpt / "model")
+    assert_same_weights(one / "checkpoints" / "step-00000002" / "model", ckpt / "model")
     assert "step-00000002" in second.stdout
-    assert losses(tmp_path / "ds") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
-    assert_same_weights(tmp_path / "one" / "final", tmp_path / "ds" / "final")
+    assert losses(tmp_path / "ds") == pytest.approx(losses(one), rel=1e-5)
+    assert_same_weights(one / "final", tmp_path / "ds" / "final")
     assert (tmp_path / "ds" / "checkpoints" / "step-00000004" / "deepspeed").is_dir()
 
 
-def test_reward_model_under_zero3_equals_one_process(files, tmp_path):
+def test_reward_model_under_zero3_equals_one_process(files, tmp_path, one_process):
     """PMP-style stage on 2 ZeRO-3 ranks, interrupted after step 2 and resumed: losses, eval accuracy, the saved
     scalar-head model and its normalisation statistics equal one process."""
     from model.checkpoint import config_from_hf, save_causal_lm
@@ -157,13 +172,13 @@ def test_reward_model_under_zero3_equals_one_process(files, tmp_path):
     args = [str(REPO / "reward" / "train.py"), "--model_path", str(tmp_path / "lm"), "--tokenizer", "small",
             "--train_files", str(files / "pairs.jsonl"), "--eval_files", str(files / "pairs.jsonl"), "--seq_len",
             "64", "--lr", "2e-3", "--max_steps", "4", "--save_every", "2", "--micro_batch_size_per_rank", "2"]
-    one_then_resumed(args, 3, tmp_path)
-    assert losses(tmp_path / "ds") == pytest.approx(losses(tmp_path / "one"), rel=1e-5, abs=1e-5)  # fp32 sums
-    assert losses(tmp_path / "ds", "eval_accuracy") == losses(tmp_path / "one", "eval_accuracy")
+    one, _ = one_then_resumed(args, 3, tmp_path, one_process)
+    assert losses(tmp_path / "ds") == pytest.approx(losses(one), rel=1e-5, abs=1e-5)  # fp32 sums
+    assert losses(tmp_path / "ds", "eval_accuracy") == losses(one, "eval_accuracy")
     # The losses agree to ~2e-6 but Adam turns fp32 summation-order noise in near-zero gradient entries into
     # lr-sized (2e-3) steps (measured: up to 2.2e-4 after 4 steps); a shard gathered wrongly is off by ~0.02 (init)
-    assert_same_weights(tmp_path / "one" / "final", tmp_path / "ds" / "final", atol=1e-3)
-    stats = [json.loads((tmp_path / d / "final" / "reward_stats.json").read_text()) for d in ("one", "ds")]
+    assert_same_weights(one / "final", tmp_path / "ds" / "final", atol=1e-3)
+    stats = [json.loads((d / "final" / "reward_stats.json").read_text()) for d in (one, tmp_path / "ds")]
     # the statistics are scores of those weights, so they inherit that noise: measured 1.1e-4 absolute on a mean of
     # 7.22 (1.5e-5 relative) on an AVX2 machine; a wrong gather moves them by far more than 1e-4 relative
     assert stats[1]["mean"] == pytest.approx(stats[0]["mean"], rel=1e-4)
@@ -171,16 +186,16 @@ def test_reward_model_under_zero3_equals_one_process(files, tmp_path):
 
 
 @pytest.mark.parametrize("zero", [2, 3])
-def test_dpo_under_zero_resumes_exactly(files, tmp_path, zero):
+def test_dpo_under_zero_resumes_exactly(files, tmp_path, one_process, zero):
     """DPO (cached reference, + NLL term) on 2 ZeRO ranks, interrupted after step 2 and resumed, equals one process.
     31 pairs scored in batches of 5: rank 0 has 16 (4 forwards), rank 1 has 15 (3), so rank 1 runs one forward
     more and drops it; without that, ZeRO-3 (a weight gather in every forward) would hang."""
     lines = (files / "pairs.jsonl").read_text().splitlines()[:31]
-    (tmp_path / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    (files / "pairs31.jsonl").write_text("\n".join(lines) + "\n")  # beside the others: the same args, one reference
     args = [str(REPO / "align" / "dpo.py"), "--init_config", str(files / "model.json"), "--tokenizer", "small",
-            "--train_files", str(tmp_path / "pairs.jsonl"), "--seq_len", "128", "--max_steps", "4", "--warmup_steps",
+            "--train_files", str(files / "pairs31.jsonl"), "--seq_len", "128", "--max_steps", "4", "--warmup_steps",
             "1", "--lr", "1e-3", "--sft_coef", "0.5", "--save_every", "2", "--micro_batch_size_per_rank", "2",
             "--ref_batch_size", "5"]
-    one_then_resumed(args, zero, tmp_path)
-    assert losses(tmp_path / "ds") == pytest.approx(losses(tmp_path / "one"), rel=1e-5, abs=1e-5)
-    assert_same_weights(tmp_path / "one" / "final", tmp_path / "ds" / "final", atol=1e-4)
+    one, _ = one_then_resumed(args, zero, tmp_path, one_process)
+    assert losses(tmp_path / "ds") == pytest.approx(losses(one), rel=1e-5, abs=1e-5)
+    assert_same_weights(one / "final", tmp_path / "ds" / "final", atol=1e-4)

@@ -93,6 +93,7 @@ from common.checkpoint import latest_checkpoint  # noqa: E402
 from common.config import ConfigError, build_config  # noqa: E402
 from common.guard import NonFiniteLossError  # noqa: E402
 from common.metrics import read_jsonl  # noqa: E402
+from launcher import accelerate_launch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"model_type": "qwen2", "vocab_size": 1000, "hidden_size": 64, "intermediate_size": 128,
@@ -250,10 +251,8 @@ def test_two_ranks_equal_one_process(files, tmp_path):
     script = str(REPO / "align" / "dpo.py")
     subprocess.run([sys.executable, script, *args, "--micro_batch_size_per_rank", "2", "--output_dir",
                     str(tmp_path / "one")], check=True, env=env, cwd=REPO)
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    subprocess.run([*launch, script, *args, "--micro_batch_size_per_rank", "1", "--output_dir",
-                    str(tmp_path / "two")], check=True, env=env, cwd=REPO)
+    subprocess.run([*accelerate_launch("multi_cpu", tmp_path), script, *args, "--micro_batch_size_per_rank", "1",
+                    "--output_dir", str(tmp_path / "two")], check=True, env=env, cwd=REPO)
     one = [r["loss"] for r in read_jsonl(tmp_path / "one" / "metrics.jsonl")]
     two = [r["loss"] for r in read_jsonl(tmp_path / "two" / "metrics.jsonl")]
     assert len(one) == 3 and two == pytest.approx(one, rel=1e-5)

@@ -62,3 +62,23 @@ def test_no_entry_point_imports_another():
                 [node.module] if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 else []
             bad += [f"{m} imports {n}" for n in names if n in mains and n != m]
     assert not bad, bad
+
+
+def test_start_up_skips_what_a_run_without_deepspeed_does_not_use():
+    """Every trainer process and rank loads a built-in tokenizer and, to save, unwraps its model. Neither pulls in
+    transformers' model registry (generation utilities, torch.distributed.tensor, sympy: ~3 s of CPU, what
+    AutoTokenizer costs) nor, without DeepSpeed, deepspeed (~3 s, what accelerate's unwrap_model costs)."""
+    code = ("import sys, torch\n"
+            "from accelerate import Accelerator\n"
+            "from common.loop import unwrap_model\n"
+            "from data.tokenizer import small_tokenizer\n"
+            "tok = small_tokenizer()\n"
+            "acc = Accelerator(cpu=True)\n"
+            "m = torch.nn.Linear(2, 2)\n"
+            "assert unwrap_model(acc, acc.prepare(m)) is m\n"
+            "assert tok.eos_token == '<|im_end|>'\n"
+            "heavy = [k for k in ('deepspeed', 'transformers.models.auto.auto_factory') if k in sys.modules]\n"
+            "assert not heavy, heavy\n"
+            "print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from launcher import accelerate_launch
 
 from align.kto_losses import kl_reference_point, kto_loss, weight_advice
 
@@ -251,20 +252,6 @@ def test_lora_reference_is_the_base_model(files, tmp_path):
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
-def launch(*config: str) -> list[str]:
-    """`accelerate launch` on 2 ranks with a free rendezvous port (other jobs on the machine may hold 29500)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return [sys.executable, "-m", "accelerate.commands.launch", *config, "--main_process_port", str(port)]
-
-
-LAUNCH = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-          "--dynamo_backend", "no"]
-
-
 def cli_args(files) -> list[str]:
     return [str(REPO / "align" / "kto.py"), "--init_config", str(files / "tiny.json"), "--tokenizer", "small",
             "--train_files", str(files / "unpaired.jsonl"), "--seq_len", "128", "--max_steps", "4",
@@ -278,8 +265,8 @@ def test_two_ranks_equal_one_process(files, tmp_path):
     over ranks; micro batches of 1 row work because the pairs are formed over the mini batch."""
     subprocess.run([sys.executable, *cli_args(files), "--micro_batch_size_per_rank", "2", "--grad_accum_steps",
                     "2", "--output_dir", str(tmp_path / "one")], check=True, env=ENV, cwd=REPO)
-    subprocess.run([*launch(*LAUNCH), *cli_args(files), "--micro_batch_size_per_rank", "1", "--grad_accum_steps", "2",
-                    "--output_dir", str(tmp_path / "two")], check=True, env=ENV, cwd=REPO)
+    subprocess.run([*accelerate_launch("multi_cpu", tmp_path), *cli_args(files), "--micro_batch_size_per_rank", "1",
+                    "--grad_accum_steps", "2", "--output_dir", str(tmp_path / "two")], check=True, env=ENV, cwd=REPO)
     one, two = (read_jsonl(tmp_path / d / "metrics.jsonl") for d in ("one", "two"))
     assert len(one) == 4 and [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], rel=1e-5)
     # z0 is a mean of log-ratios of summed log-probs of ~-100: fp32 sums batched with other padding differ by ~1e-5
@@ -287,22 +274,32 @@ def test_two_ranks_equal_one_process(files, tmp_path):
     assert any(r["kl"] > 0 for r in one)
 
 
+def zero_args(files) -> list[str]:
+    return [*cli_args(files), "--micro_batch_size_per_rank", "2", "--save_every", "2"]
+
+
+@pytest.fixture(scope="module")
+def one_process_for_zero(files, tmp_path_factory):
+    """One plain process x micro 2 x accum 4 of zero_args, run once for the ZeRO-2 and ZeRO-3 cases (a file's tests
+    stay on one worker under `make test-slow`'s --dist loadfile). Its output folder."""
+    out = tmp_path_factory.mktemp("kto_one") / "one"
+    subprocess.run([sys.executable, *zero_args(files), "--grad_accum_steps", "4", "--output_dir", str(out)],
+                   check=True, env=ENV, cwd=REPO)
+    return out
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("zero", [2, 3])
-def test_under_zero_resumes_exactly(files, tmp_path, zero):
+def test_under_zero_resumes_exactly(files, tmp_path, one_process_for_zero, zero):
     """2 DeepSpeed ZeRO ranks (configs/accelerate/zero{2,3}.yaml), interrupted after step 2 and resumed, equal one
     process on the same global mini batch of 8 (one process x micro 2 x accum 4; ranks x micro 2 x accum 2)."""
-    cfg = (REPO / "configs" / "accelerate" / f"zero{zero}.yaml").read_text()
-    (tmp_path / "ds.yaml").write_text(cfg.replace("num_processes: 8", "num_processes: 2"))
-    args = [*cli_args(files), "--micro_batch_size_per_rank", "2", "--save_every", "2"]
-    subprocess.run([sys.executable, *args, "--grad_accum_steps", "4", "--output_dir", str(tmp_path / "one")],
-                   check=True, env=ENV, cwd=REPO)
-    ds = [*args, "--grad_accum_steps", "2", "--output_dir", str(tmp_path / "ds")]
-    cfg_file = ["--config_file", str(tmp_path / "ds.yaml")]
-    subprocess.run([*launch(*cfg_file), *ds, "--stop_at_step", "2"], check=True, env=ENV, cwd=REPO)
-    resumed = subprocess.run([*launch(*cfg_file), *ds], check=True, env=ENV, cwd=REPO, capture_output=True, text=True)
+    ds = [*zero_args(files), "--grad_accum_steps", "2", "--output_dir", str(tmp_path / "ds")]
+    subprocess.run([*accelerate_launch(f"zero{zero}", tmp_path), *ds, "--stop_at_step", "2"], check=True, env=ENV,
+                   cwd=REPO)
+    resumed = subprocess.run([*accelerate_launch(f"zero{zero}", tmp_path), *ds], check=True, env=ENV, cwd=REPO,
+                             capture_output=True, text=True)
     assert "resume from" in resumed.stdout
-    one, two = ([r["loss"] for r in read_jsonl(tmp_path / d / "metrics.jsonl")] for d in ("one", "ds"))
+    one, two = ([r["loss"] for r in read_jsonl(d / "metrics.jsonl")] for d in (one_process_for_zero, tmp_path / "ds"))
     assert len(one) == 4 and two == pytest.approx(one, rel=1e-5, abs=1e-5)
 
 

@@ -10,6 +10,7 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
+from launcher import accelerate_launch
 
 import align.experience as experience
 import align.ppo as ppo
@@ -202,9 +203,8 @@ def test_two_ranks_give_the_same_steps_as_one_process(world, tmp_path):
             "--value_lr", "1e-3", "--ptx_coef", "0.5", "--ptx_rows", "2", "--kl_adaptive", "true", "--tax_every",
             "1", "--true_reward", "false"]
     subprocess.run([sys.executable, *args, "--output_dir", str(tmp_path / "one")], check=True, env=env, cwd=repo)
-    subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                    str(repo / "configs" / "accelerate" / "multi_cpu.yaml"), *args, "--output_dir",
-                    str(tmp_path / "two")], check=True, env=env, cwd=repo)
+    subprocess.run([*accelerate_launch("multi_cpu", tmp_path), *args, "--output_dir", str(tmp_path / "two")],
+                   check=True, env=env, cwd=repo)
     from common.metrics import read_jsonl
 
     one, two = (read_jsonl(tmp_path / d / "metrics.jsonl") for d in ("one", "two"))
@@ -265,9 +265,8 @@ def test_grpo_two_ranks_give_the_same_steps_as_one_process(world, tmp_path):
             "grpo", "--dr_grpo", "true", "--kl_in", "loss", "--reward_funcs", f"{tmp_path / 'rewards.py'}:count_e",
             "--reward_model_weight", "0.5", "--save_every", "2"]
     subprocess.run([sys.executable, *args, "--output_dir", str(tmp_path / "one")], check=True, env=env, cwd=repo)
-    subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                    str(repo / "configs" / "accelerate" / "multi_cpu.yaml"), *args, "--output_dir",
-                    str(tmp_path / "two")], check=True, env=env, cwd=repo)
+    subprocess.run([*accelerate_launch("multi_cpu", tmp_path), *args, "--output_dir", str(tmp_path / "two")],
+                   check=True, env=env, cwd=repo)
     one, two = (read_jsonl(tmp_path / d / "metrics.jsonl") for d in ("one", "two"))
     assert [r["step"] for r in one] == [r["step"] for r in two] == [0, 1, 2, 3]
     skip = ("time_", "sync_share", "episodes_per_s")

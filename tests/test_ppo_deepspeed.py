@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from launcher import accelerate_launch
 
 from common.metrics import read_jsonl
 
@@ -67,17 +68,25 @@ def args(world, out: Path, *extra: str) -> list[str]:
             "1", "--true_reward", "false", "--verify_sync_every", "1", "--output_dir", str(out), *extra]
 
 
-def launch(argv: list[str], zero: int | None, tmp: Path, check: bool = True) -> subprocess.CompletedProcess:
-    """One plain process (zero None) or `accelerate launch` with configs/accelerate/zero{2,3}.yaml on 2 ranks."""
+def launch(argv: list[str], zero: int | None, tmp: Path, check: bool = True, ranks: int = 2
+           ) -> subprocess.CompletedProcess:
+    """One plain process (zero None) or `accelerate launch` with configs/accelerate/zero{2,3}.yaml on `ranks`."""
     cmd = [sys.executable, *argv]
-    if zero is not None:
-        cfg = (REPO / "configs" / "accelerate" / f"zero{zero}.yaml").read_text()
-        path = tmp / f"zero{zero}.yaml"
-        path.write_text(cfg.replace("num_processes: 8", "num_processes: 2"))  # bf16 in it: precision auto wins
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(path), *argv]
+    if zero is not None:  # bf16 in the config: the run config's precision auto wins (fp32 on CPU)
+        cmd = [*accelerate_launch(f"zero{zero}", tmp, ranks), *argv]
     out = subprocess.run(cmd, env=ENV, cwd=REPO, capture_output=True, text=True)
     if check and out.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed:\n{out.stdout[-2000:]}\n{out.stderr[-6000:]}")
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_process(world, tmp_path_factory):
+    """The plain one-process run of args(world, ...), run once per module: the ZeRO-2, ZeRO-3 and ZeRO-3 resume
+    tests all compare against it (`make test-slow`'s --dist loadfile keeps a file's tests on one worker).
+    Its output folder."""
+    out = tmp_path_factory.mktemp("ppo_one") / "one"
+    launch(args(world, out), None, out.parent)
     return out
 
 
@@ -110,19 +119,18 @@ def assert_same_weights(a: Path, b: Path):
 
 
 @pytest.mark.parametrize("zero", [2, 3])
-def test_ppo_under_zero_equals_one_process(world, tmp_path, zero):
+def test_ppo_under_zero_equals_one_process(world, tmp_path, one_process, zero):
     """2 ranks under zero{2,3}.yaml vs one plain process, same config: every logged metric (scores, KL, value and
     policy losses, gradient norms, ptx loss, alignment tax) of a warmup step and two policy steps, the final policy
     and the value model agree; the ZeRO-3 run synced its sampler's copy from the shards and passed the greedy check
     after every sync."""
-    launch(args(world, tmp_path / "one"), None, tmp_path)
     ds = launch(args(world, tmp_path / "ds"), zero, tmp_path)
     assert f"(DeepSpeed ZeRO-{zero})" in ds.stdout
-    one = assert_same_metrics(tmp_path / "one", tmp_path / "ds", [0, 1, 2, 3])
+    one = assert_same_metrics(one_process, tmp_path / "ds", [0, 1, 2, 3])
     assert {"policy_loss", "ptx_loss", "policy_grad_norm", "value_grad_norm", "alignment_tax"} <= set(one[-1])
     assert one[-1]["kl_coef"] != one[1]["kl_coef"]  # adaptive KL moved
-    assert_same_weights(tmp_path / "one" / "final", tmp_path / "ds" / "final")
-    assert_same_weights(tmp_path / "one" / "checkpoints" / "step-00000003" / "value",
+    assert_same_weights(one_process / "final", tmp_path / "ds" / "final")
+    assert_same_weights(one_process / "checkpoints" / "step-00000003" / "value",
                         tmp_path / "ds" / "checkpoints" / "step-00000003" / "value")
     ckpt = tmp_path / "ds" / "checkpoints" / "step-00000003" / "deepspeed"
     assert json.loads((ckpt / "zero.json").read_text()) == {"zero_stage": zero, "ranks": 2,
@@ -135,13 +143,10 @@ def test_sync_from_zero3_shards_gathers_one_bucket_at_a_time(world, tmp_path, lo
     bucket: the peak of gathered bytes, measured inside every gather over the whole model, stays below the bucket
     plus the largest layer (and far below the whole model); the copy equals the gathered weights (LoRA: merged per
     layer, compared with W + B A alpha / r on the full weights)."""
-    zero3 = (REPO / "configs" / "accelerate" / "zero3.yaml").read_text().replace("num_processes: 8",
-                                                                                  "num_processes: 2")
-    (tmp_path / "zero3.yaml").write_text(zero3)
     report, bucket = tmp_path / "report.json", 64 * 1024
-    subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(tmp_path / "zero3.yaml"),
-                    str(REPO / "tests" / "zero3_sync_worker.py"), str(world / "policy"), str(report), str(lora_r),
-                    str(bucket)], env={**ENV, "PYTHONPATH": str(REPO)}, cwd=REPO, check=True, capture_output=True)
+    subprocess.run([*accelerate_launch("zero3", tmp_path), str(REPO / "tests" / "zero3_sync_worker.py"),
+                    str(world / "policy"), str(report), str(lora_r), str(bucket)], env={**ENV, "PYTHONPATH": str(REPO)},
+                   cwd=REPO, check=True, capture_output=True)
     r = json.loads(report.read_text())
     print(r)
     assert r["sharded_tensors"] > 0  # the embedding (128,000 elements) at least is split between the ranks
@@ -152,12 +157,11 @@ def test_sync_from_zero3_shards_gathers_one_bucket_at_a_time(world, tmp_path, lo
     assert r["compared"] == r["copy_tensors"]  # every weight of the copy compared
 
 
-def test_ppo_zero3_resumes_exactly_and_refuses_other_launches(world, tmp_path):
+def test_ppo_zero3_resumes_exactly_and_refuses_other_launches(world, tmp_path, one_process):
     """A ZeRO-3 run stopped after step 2 (checkpoint: both engines' shards, KL controller, reward statistics, RNG)
     and resumed by a second launch logs the same step 3 and ends with the same weights as an uninterrupted run
     (one plain process, which test_ppo_under_zero_equals_one_process shows equals uninterrupted ZeRO-3). Resuming
     it under ZeRO-2, on one DeepSpeed rank or without DeepSpeed is refused with a message."""
-    launch(args(world, tmp_path / "one"), None, tmp_path)
     ds = args(world, tmp_path / "ds", "--save_every", "1")
     launch([*ds, "--stop_at_step", "2"], 3, tmp_path)
     ckpt = tmp_path / "ds" / "checkpoints" / "step-00000002" / "deepspeed"
@@ -166,15 +170,12 @@ def test_ppo_zero3_resumes_exactly_and_refuses_other_launches(world, tmp_path):
     assert other.returncode != 0 and "written under ZeRO-3, resuming under ZeRO-2" in other.stderr
     plain = launch(ds, None, tmp_path, check=False)
     assert plain.returncode == 2 and "written under DeepSpeed ZeRO" in plain.stderr, plain.stderr[-3000:]
-    (tmp_path / "zero3.yaml").write_text((tmp_path / "zero3.yaml").read_text().replace("num_processes: 2",
-                                                                                      "num_processes: 1"))
-    one_rank = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                               str(tmp_path / "zero3.yaml"), *ds], env=ENV, cwd=REPO, capture_output=True, text=True)
+    one_rank = launch(ds, 3, tmp_path, check=False, ranks=1)
     assert one_rank.returncode != 0 and "saved by 2 ranks, resuming with 1" in one_rank.stderr
     second = launch(ds, 3, tmp_path)
     assert "resume from" in second.stdout and "step-00000002" in second.stdout
-    assert_same_metrics(tmp_path / "one", tmp_path / "ds", [0, 1, 2, 3])
-    assert_same_weights(tmp_path / "one" / "final", tmp_path / "ds" / "final")
+    assert_same_metrics(one_process, tmp_path / "ds", [0, 1, 2, 3])
+    assert_same_weights(one_process / "final", tmp_path / "ds" / "final")
 
 
 def test_lora_ppo_under_zero3_equals_one_process(world, tmp_path):

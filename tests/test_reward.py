@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from launcher import accelerate_launch
 from numerics import assert_within, logits_bound
 
 from reward.losses import pairwise_loss
@@ -233,9 +234,8 @@ def test_reward_two_ranks_equal_one_process(lm_dir, tmp_path):
             "--lr", "2e-3", "--max_steps", "3"]
     subprocess.run([sys.executable, *args, "--micro_batch_size_per_rank", "4", "--output_dir", str(tmp_path / "one")],
                    check=True, env=env, cwd=repo)
-    subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                    str(repo / "configs" / "accelerate" / "multi_cpu.yaml"), *args, "--micro_batch_size_per_rank",
-                    "2", "--output_dir", str(tmp_path / "two")], check=True, env=env, cwd=repo)
+    subprocess.run([*accelerate_launch("multi_cpu", tmp_path), *args, "--micro_batch_size_per_rank", "2",
+                    "--output_dir", str(tmp_path / "two")], check=True, env=env, cwd=repo)
     one = [r["loss"] for r in read_jsonl(tmp_path / "one" / "metrics.jsonl") if "loss" in r]
     two = [r["loss"] for r in read_jsonl(tmp_path / "two" / "metrics.jsonl") if "loss" in r]
     assert len(one) == 3 and two == pytest.approx(one, rel=1e-5)

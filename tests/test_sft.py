@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from launcher import accelerate_launch
 from numerics import assert_within, causal_lm_logprob_bounds, gamma
 
 import align.sft as sft
@@ -157,10 +158,8 @@ def test_two_ranks_equal_one_process(files, tmp_path):
     script = str(REPO / "align" / "sft.py")
     subprocess.run([sys.executable, script, *args, "--micro_batch_size_per_rank", "2", "--output_dir",
                     str(tmp_path / "one")], check=True, env=env, cwd=REPO)
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    subprocess.run([*launch, script, *args, "--micro_batch_size_per_rank", "1", "--output_dir",
-                    str(tmp_path / "two")], check=True, env=env, cwd=REPO)
+    subprocess.run([*accelerate_launch("multi_cpu", tmp_path), script, *args, "--micro_batch_size_per_rank", "1",
+                    "--output_dir", str(tmp_path / "two")], check=True, env=env, cwd=REPO)
     one = [r["loss"] for r in read_jsonl(tmp_path / "one" / "metrics.jsonl")]
     two = [r["loss"] for r in read_jsonl(tmp_path / "two" / "metrics.jsonl")]
     assert len(one) == 3 and two == pytest.approx(one, rel=1e-5)
