@@ -20,6 +20,8 @@ Measured per stage and mode:
 - peak RSS: /proc/<pid>/statm of every process of the stage's process tree, polled every 0.1 s. "sum" is the
   largest total over the tree at one instant (the accelerate launcher included), "per rank" each rank's own peak.
   RSS counts the shared libraries once per process. Spikes shorter than the poll interval can be missed.
+The load average at the start and end of each stage is recorded beside the times: on a shared machine the step
+times are only as good as the CPU share the stage got (memory is not affected).
 A stage whose tree goes over --max_rss_gb is killed and marked so (a guard for a shared machine).
 Writes <out>/rehearsal.json and <out>/rehearsal.md (the table and the commands).
 """
@@ -90,6 +92,11 @@ def stage_cmd(stage: str, mode: str, a, out: Path) -> tuple[list[str], int]:
     W = 2 if mode == "zero3" else 1
     accum = str(2 // W)  # the same global batch of 2 in both modes
     data, run, base = out / "data", out / mode, out / "base"
+
+    def made(st: str) -> Path:  # this mode's output of an earlier stage, else the other mode's (if that one failed)
+        mine = run / st / "final"
+        return mine if mine.exists() or not (out / ("one" if mode != "one" else "zero3") / st / "final").exists() \
+            else out / ("one" if mode != "one" else "zero3") / st / "final"
     common = ["--seq_len", str(a.seq_len), "--max_steps", str(a.steps), "--warmup_steps", "0", "--log_every", "1",
               "--report_to", "none", "--precision", "fp32", "--resume", "false", "--overwrite_output_dir", "true"]
     if stage == "sft":
@@ -102,16 +109,16 @@ def stage_cmd(stage: str, mode: str, a, out: Path) -> tuple[list[str], int]:
                 "--micro_batch_size_per_rank", "1", "--grad_accum_steps", accum, "--output_dir", str(run / "reward"),
                 *common], 2
     if stage == "dpo":
-        return ["align/dpo.py", "--model_path", str(run / "sft" / "final"), "--train_files",
+        return ["align/dpo.py", "--model_path", str(made("sft")), "--train_files",
                 str(data / "pairs.jsonl"), "--lora_r", "8", "--lr", "1e-4", "--ref_batch_size", "2",
                 "--micro_batch_size_per_rank", "1", "--grad_accum_steps", accum, "--output_dir", str(run / "dpo"),
                 *common], 2
     assert stage == "ppo"
-    return ["align/ppo.py", "--policy_path", str(run / "sft" / "final"), "--reward_path",
-            str(run / "reward" / "final"), "--prompt_files", str(data / "prompts.jsonl"), "--lora_r", "8",
+    return ["align/ppo.py", "--policy_path", str(made("sft")), "--reward_path", str(made("reward")),
+            "--prompt_files", str(data / "prompts.jsonl"), "--lora_r", "8",
             "--engine", "builtin", "--rollout_batch_prompts", "2", "--samples_per_prompt", "2",
             "--max_new_tokens", "16", "--max_prompt_len", "64", "--micro_batch_size", "1", "--num_mini_batches", "1",
-            "--value_warmup_steps", "1", "--max_steps", str(a.steps), "--policy_lr", "1e-5", "--value_lr", "1e-5",
+            "--value_warmup_steps", "0", "--max_steps", str(a.steps), "--policy_lr", "1e-5", "--value_lr", "1e-5",
             "--true_reward", "false", "--verify_sync_every", "1", "--report_to", "none", "--precision", "fp32",
             "--resume", "false", "--overwrite_output_dir", "true", "--output_dir", str(run / "ppo")], 4
 
@@ -228,7 +235,7 @@ def run_stage(stage: str, mode: str, a, out: Path) -> dict:
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     if mode == "zero3":
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 2) // 2))
-    t0 = time.perf_counter()
+    t0, load0 = time.perf_counter(), os.getloadavg()[0]
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         watch = MemoryWatch(proc, a.max_rss_gb * GB)
@@ -247,7 +254,7 @@ def run_stage(stage: str, mode: str, a, out: Path) -> dict:
     row = {"stage": stage, "mode": mode, "status": status, "steps": len(times), "step_s": times,
            "s_per_step": sum(times[1:]) / len(times[1:]) if len(times) > 1 else (times[0] if times else None),
            "first_step_s": times[0] if times else None, "wall_s": wall, "peak_rss_sum_gb": watch.peak_sum / GB,
-           "peak_rss_per_rank_gb": watch.per_rank(), "command": shown}
+           "peak_rss_per_rank_gb": watch.per_rank(), "load_avg": [load0, os.getloadavg()[0]], "command": shown}
     print(f"   {status}: wall {wall:.0f} s, step times {[round(t, 1) for t in times]}, peak RSS "
           f"{watch.peak_sum / GB:.2f} GB {row['peak_rss_per_rank_gb']}", flush=True)
     if rc != 0:
@@ -264,12 +271,12 @@ MODE_NAMES = {"one": "1 process", "zero3": "2 ranks ZeRO-3"}
 def table(rows: list[dict]) -> str:
     f = lambda x, p=1: "-" if x is None else f"{x:.{p}f}"  # noqa: E731
     lines = ["| stage | run | steps | s/step | first step s | wall s | peak RSS GB (sum) | peak RSS GB per rank | "
-             "status |", "|---|---|---|---|---|---|---|---|---|"]
+             "load (start, end) | status |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ranks = " / ".join(f"{v:.2f}" for v in r["peak_rss_per_rank_gb"].values()) or "-"
         lines.append(f"| {STAGE_NAMES[r['stage']]} | {MODE_NAMES[r['mode']]} | {r['steps']} | {f(r['s_per_step'])} | "
                      f"{f(r['first_step_s'])} | {r['wall_s']:.0f} | {r['peak_rss_sum_gb']:.2f} | {ranks} | "
-                     f"{r['status']} |")
+                     f"{r['load_avg'][0]:.1f}, {r['load_avg'][1]:.1f} | {r['status']} |")
     return "\n".join(lines)
 
 
@@ -278,7 +285,8 @@ def main(argv=None) -> None:
     ap.add_argument("--shape", default="configs/qwen2.5-0.5b-shape.json", help="model config.json (random init)")
     ap.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset of " + ",".join(STAGES))
     ap.add_argument("--modes", default="one,zero3", help="one (plain process), zero3 (2 ranks, zero3.yaml)")
-    ap.add_argument("--steps", type=int, default=3, help="optimizer steps per stage (PPO: the first is value warmup)")
+    ap.add_argument("--steps", type=int, default=3, help="optimizer steps per stage (PPO: no value warmup, so the "
+                                                         "second step syncs the sampler and checks it greedily)")
     ap.add_argument("--seq_len", type=int, default=128, help="tokens per SFT row / longest pair")
     ap.add_argument("--out", default="runs/rehearsal")
     ap.add_argument("--max_rss_gb", type=float, default=14.0, help="kill a stage whose processes hold more")
@@ -305,10 +313,14 @@ def main(argv=None) -> None:
         stamp.write_text(shape.read_text())
         print(f"[rehearsal] base model built and saved in {time.perf_counter() - t0:.0f} s", flush=True)
     rows = []
-    for mode in modes:
-        for stage in stages:
+    for stage in stages:  # stage by stage, both modes, so a cut-short rehearsal still compares the modes
+        for mode in modes:
             rows.append(run_stage(stage, mode, a, out))
-    rows.sort(key=lambda r: (STAGES.index(r["stage"]), r["mode"]))
+            report(rows, shape, a, out)
+
+
+def report(rows: list[dict], shape: Path, a, out: Path) -> None:
+    """Writes rehearsal.md / .json (after every stage: a cut-short rehearsal keeps what it measured) and prints."""
     md = table(rows)
     cfg = json.loads(shape.read_text())
     head = (f"Shape {shape.name}: {cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}, vocab "
