@@ -169,6 +169,16 @@ def _rss(pid: int) -> int:
         return 0
 
 
+def kill_tree(root: int) -> None:
+    """SIGKILL a stage's every process: torch's launcher starts each rank in its own session, so killing the
+    launcher's process group would leave the ranks running."""
+    for pid in _tree(root):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def _label(pid: int) -> str:
     """'rank N' for a process with LOCAL_RANK in its environment, 'launcher' for accelerate's, else 'process'."""
     try:
@@ -209,7 +219,7 @@ class MemoryWatch:
             self.peak_sum = max(self.peak_sum, total)
             if total > self.limit and not self.killed:
                 self.killed = True
-                os.killpg(self.proc.pid, signal.SIGKILL)
+                kill_tree(self.proc.pid)
             time.sleep(self.every)
 
     def join(self):
@@ -242,7 +252,7 @@ def run_stage(stage: str, mode: str, a, out: Path) -> dict:
         try:
             rc = proc.wait(timeout=a.timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_tree(proc.pid)
             rc = proc.wait()
             watch.killed = "timeout"
         watch.join()
