@@ -29,15 +29,18 @@ fi
 
 OUT=runs/gpu_check
 if [[ $# -gt 0 && "$1" != --* ]]; then OUT=$1; shift; fi
-missing=()
-for i in "${!MODULES[@]}"; do
-  if ! $PY -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('${MODULES[$i]}') is None)"; then
-    missing+=("${REQS[$i]}")
-  fi
-done
-for m in torch transformers accelerate peft; do
-  $PY -c "import $m" 2>/dev/null || { echo "gpu_check: $m is not installed; it is expected on the GPU machine" >&2; exit 2; }
-done
+# one interpreter for every check (find_spec only: nothing heavy is imported)
+found=$($PY - "${MODULES[@]}" -- "${REQS[@]}" <<'EOF'
+import importlib.util, sys
+args = sys.argv[1:]
+mods, reqs = args[:args.index("--")], args[args.index("--") + 1:]
+for m in ("torch", "transformers", "accelerate", "peft"):
+    if importlib.util.find_spec(m) is None:
+        sys.exit(f"gpu_check: {m} is not installed; it is expected on the GPU machine")
+print(" ".join(r for m, r in zip(mods, reqs) if importlib.util.find_spec(m) is None))
+EOF
+) || exit 2
+read -r -a missing <<< "$found"
 if (( ${#missing[@]} )); then
   WHEELS=${WHEELS:-wheels}
   if [[ ! -d "$WHEELS" ]]; then
@@ -48,6 +51,5 @@ if (( ${#missing[@]} )); then
   echo "gpu_check: installing ${missing[*]} from $WHEELS"
   $PY -m pip install -q --no-index --find-links "$WHEELS" "${missing[@]}"
 fi
-$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.is_available() and torch.cuda.get_device_name(0))"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 timeout 480 $PY benchmarks/gpu_check.py --out "$OUT" "$@"
