@@ -298,6 +298,8 @@ def train(c: DPOConfig) -> list[float]:
         t0 = time.perf_counter()
         idx = mini_batch_rows(step, len(pairs), mini, c.seed)
         n_tok = sum(len(pairs[i]["chosen_ids"]) for i in idx)  # chosen tokens of the GLOBAL mini batch
+        seq_tok = sum(2 * len(pairs[i]["prompt_ids"]) + len(pairs[i]["chosen_ids"]) + len(pairs[i]["rejected_ids"])
+                      for i in idx)  # every token of the mini batch's 2 x pairs sequences (padding not counted)
         sums = torch.zeros(6, dtype=torch.float64)
         for micro in rank_micro_batches(idx, c.micro_batch_size_per_rank, c.grad_accum_steps, W, rank):
             batch = {k: v.to(acc.device) for k, v in pair_batch([pairs[i] for i in micro], pad_id).items()}
@@ -320,7 +322,8 @@ def train(c: DPOConfig) -> list[float]:
         if (step + 1) % c.log_every == 0 or step + 1 == stop:
             log.log(step + 1, {"loss": loss, "dpo_loss": dpo_loss, "chosen_nll": nll, "accuracy": acc_val,
                                "chosen_reward": r_c, "rejected_reward": r_r, "margin": margin, "lr": lr,
-                               "grad_norm": float(grad_norm), "pairs_per_s": mini / (time.perf_counter() - t0)})
+                               "grad_norm": float(grad_norm), "pairs_per_s": mini / (time.perf_counter() - t0),
+                               "tokens_per_s": seq_tok / (time.perf_counter() - t0)})
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc_val:.2f}", margin=f"{margin:.3f}")
         if (c.save_every and (step + 1) % c.save_every == 0) or step + 1 == stop:
