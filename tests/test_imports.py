@@ -12,6 +12,12 @@ LIGHT = ["data.chatml", "data.datasets", "data.tokenizer", "data.feedback", "mod
 LEVEL = {"common": 0, "data": 1, "model": 2, "reward": 3, "rollout": 3, "align": 4}
 
 
+def run_ok(code: str) -> None:
+    """Run `code` in a fresh interpreter from the repository root; it must print 'ok' last."""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
 def test_light_modules_do_not_import_vllm_or_deepspeed():
     present = [m for m in LIGHT if (ROOT / (m.replace(".", "/") + ".py")).exists()]
     code = ("import sys, importlib\n"
@@ -20,8 +26,7 @@ def test_light_modules_do_not_import_vllm_or_deepspeed():
             "    heavy = sorted(k for k in ('vllm', 'deepspeed') if k in sys.modules)\n"
             "    assert not heavy, (m, heavy)\n"
             "print('ok')")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
-    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+    run_ok(code)
 
 
 def test_imports_flow_one_way():
@@ -80,5 +85,4 @@ def test_start_up_skips_what_a_run_without_deepspeed_does_not_use():
             "heavy = [k for k in ('deepspeed', 'transformers.models.auto.auto_factory') if k in sys.modules]\n"
             "assert not heavy, heavy\n"
             "print('ok')")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
-    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+    run_ok(code)
