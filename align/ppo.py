@@ -482,9 +482,6 @@ def setup(c: PPOConfig) -> tuple[Run, int, Path | None]:
     if stage and c.ptx_on and c.ptx_rows < W:
         raise ConfigError(f"under DeepSpeed every rank takes part of each PPO-ptx batch: ptx_rows ({c.ptx_rows}) must "
                           f"be >= the number of processes ({W})")
-    if stage == 3 and c.engine == "vllm":
-        raise ConfigError("engine vllm is not yet synced from ZeRO-3 shards; under zero3.yaml use --engine builtin "
-                          "(its weights are synced one size-capped bucket at a time), or zero2.yaml with vllm")
     if stage == 3 and c.model_impl == "hf":
         raise ConfigError("model_impl hf is not yet synced from ZeRO-3 shards (the built-in engine's whole copy is the "
                           "custom model); under zero3.yaml use a Qwen2/Qwen3 policy with model_impl custom, or "

@@ -198,6 +198,11 @@ def verify_greedy(model, prompts: list[list[int]], rollout: Rollout, atol: float
 DEFAULT_BUCKET_BYTES = 256 * 2**20  # gathered at once during a sync (plus at most one layer more)
 
 
+def is_sharded(model) -> bool:
+    """True for a model whose weights DeepSpeed ZeRO-3 has partitioned (each rank holds a shard)."""
+    return any(hasattr(p, "ds_id") for p in unwrap(model).parameters())
+
+
 def _full_bytes(p: torch.Tensor) -> int:
     """Bytes of the whole weight (a ZeRO-3 parameter's own data is only this rank's shard)."""
     return getattr(p, "ds_numel", p.numel()) * p.element_size()

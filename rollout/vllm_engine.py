@@ -6,6 +6,10 @@ Weight sync (docs/PITFALLS.md: #weight-sync, #tied-output-layer, #lora-in-the-sy
 a warning), LoRA merged first, sent with
 `collective_rpc("reload_weights")` (the only CPU route that re-packs the linear layers) under a timeout, then the
 prefix cache is reset so no KV block computed with the old weights is reused. `greedy_check` verifies a sync.
+A policy trained under DeepSpeed ZeRO-3 (every rank holds a shard of each weight) is streamed instead: reload_weights
+consumes a generator over rollout.sync.sharded_buckets, so one size-capped bucket is gathered at a time (LoRA merged
+per layer inside it), copied, handed to vLLM and released before the next; never the whole model on any rank. The
+copy is needed because vLLM buffers a layer's tensors until all of them (q, k, v of one attention) have arrived.
 
 sampler_logprobs: the engine is started with `logprobs_mode="processed_logprobs"`, so vLLM's log-prob of a sampled
 token is taken from the distribution it sampled from: logits / temperature, top-p truncated, renormalised; the same
@@ -30,7 +34,8 @@ import torch
 
 from model.checkpoint import read_config
 from rollout.base import LENGTH, STOP, Rollout, SamplingParams, check_prompts
-from rollout.sync import SyncTimeout, full_state_dict, merged_lora, run_with_timeout, unwrap, verify_greedy
+from rollout.sync import (DEFAULT_BUCKET_BYTES, SyncTimeout, full_state_dict, is_sharded, merged_lora, run_with_timeout,
+                          sharded_buckets, unwrap, verify_greedy)
 
 log = logging.getLogger(__name__)
 
@@ -97,16 +102,18 @@ def _set_rng_state(state):
 class VLLMEngine:
     def __init__(self, model_dir, max_model_len: int = 2048, gpu_memory_utilization: float = 0.3,
                  kv_cache_gib: int = 1, seed: int = 0, sync_timeout_s: float = 60.0, dtype: str | None = None,
-                 enforce_eager: bool = True, **llm_kwargs):
+                 enforce_eager: bool = True, bucket_bytes: int = DEFAULT_BUCKET_BYTES, **llm_kwargs):
         """Start vLLM on the policy folder written by model.checkpoint.save_causal_lm (tokenizer files optional:
         prompts are token ids). On CPU: float32, `kv_cache_gib` GiB of KV cache; on GPU: `gpu_memory_utilization`
-        of the device, dtype from config.json unless given. Extra keyword arguments go to `vllm.LLM`."""
+        of the device, dtype from config.json unless given. bucket_bytes: how much of a ZeRO-3 policy is gathered at
+        once during a sync. Extra keyword arguments go to `vllm.LLM`."""
         model_dir = Path(model_dir)
         self.config = read_config(model_dir)
         on_gpu = torch.cuda.is_available()
         self._head_sizes = None if on_gpu else CPU_HEAD_SIZES
         refuse_unsupported(self.config, str(model_dir / "config.json"), self._head_sizes)  # before vLLM is imported
-        self.max_model_len, self.sync_timeout_s = max_model_len, sync_timeout_s
+        self.max_model_len, self.sync_timeout_s, self.bucket_bytes = max_model_len, sync_timeout_s, bucket_bytes
+        self.last_sync: dict = {}  # sharded syncs: rollout.sync.sharded_buckets stats
         self._weights_ok, self._pending = True, None
         # In-process engine: weights can be handed over as tensors, and on CPU it starts in ~5 s instead of ~40 s.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -171,12 +178,13 @@ class VLLMEngine:
         return Rollout(prompt_index=index, prompt_ids=prompt_ids, response_ids=ids, finish_reason=reasons,
                        sampler_logprobs=lps)
 
-    def load_state_dict(self, sd: dict[str, torch.Tensor], timeout_s: float | None = None) -> float:
-        """Send exactly these tensors (Hugging Face Qwen2 names) with reload_weights, then reset the prefix cache;
-        returns seconds. Use sync_weights for a policy: this sends what it is given, even an incomplete dict."""
+    def load_state_dict(self, sd, timeout_s: float | None = None) -> float:
+        """Send exactly these tensors (Hugging Face Qwen2 names: a dict, or an iterable of (name, tensor) pairs that
+        reload_weights consumes lazily) with reload_weights, then reset the prefix cache; returns seconds. Use
+        sync_weights for a policy: this sends what it is given, even an incomplete dict."""
         self._check_usable()
         timeout_s = self.sync_timeout_s if timeout_s is None else timeout_s
-        weights = list(sd.items())
+        weights = list(sd.items()) if isinstance(sd, dict) else sd
 
         def reload():
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
@@ -192,8 +200,15 @@ class VLLMEngine:
         return seconds
 
     def sync_weights(self, model, timeout_s: float | None = None) -> float:
-        """Push the policy's full weights (lm_head included, LoRA merged then unmerged); returns and logs seconds."""
+        """Push the policy's full weights (lm_head included, LoRA merged then unmerged); returns and logs seconds.
+        A ZeRO-3 policy is streamed one bucket at a time (a collective: every rank calls this)."""
         refuse_unsupported(unwrap(model).config, "policy config", self._head_sizes)
+        if is_sharded(model):
+            stats: dict = {}
+            seconds = self.load_state_dict(_copied(sharded_buckets(model, self.bucket_bytes, stats)), timeout_s)
+            self.last_sync = stats
+            log.info("vLLM weight sync from ZeRO-3 shards: %d buckets in %.1f ms", stats["buckets"], seconds * 1e3)
+            return seconds
         lora = hasattr(getattr(model, "module", model), "merge_adapter")
         with merged_lora(model):
             # LoRA: copy the merged weights, so the adapter is unmerged before the (possibly timed-out) send.
@@ -210,3 +225,16 @@ class VLLMEngine:
         stats = verify_greedy(model, prompts, greedy, atol, call=call)
         log.info("vLLM greedy check: %s", stats)
         return stats
+
+
+def _copied(buckets):
+    """(name, tensor) pairs of every bucket, each tensor a copy made while its bucket is gathered (aliases of one
+    weight, e.g. a tied lm_head, share one copy): vLLM may keep a tensor until its layer is complete, after the
+    bucket is released."""
+    for bucket in buckets:
+        copies = {}
+        for name, t in bucket.items():
+            key = (t.data_ptr(), tuple(t.shape), t.dtype)
+            if key not in copies:
+                copies[key] = t.clone()
+            yield name, copies[key]

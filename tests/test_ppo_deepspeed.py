@@ -1,7 +1,8 @@
 """PPO (align/ppo.py) under DeepSpeed through the shipped configs/accelerate/zero2.yaml and zero3.yaml on 2 CPU ranks
 (gloo): policy and value each a DeepSpeed engine, under ZeRO-3 the reference and reward models sharded inference
-engines and the built-in engine synced from the shards bucket by bucket. Every logged metric and the final weights
-equal one plain process; a resumed ZeRO-3 run equals an uninterrupted one; LoRA under ZeRO-3.
+engines, and the rollout engine (built-in, or vLLM in-process on every rank) synced from the shards bucket by bucket.
+Every logged metric and the final weights equal one plain process with the same engine; a resumed ZeRO-3 run equals
+an uninterrupted one; LoRA under ZeRO-3.
 
 The test model has a tied 1000 x 128 embedding (128,000 elements), above ZeRO-3's default persistence threshold
 (100,000), so under ZeRO-3 the embedding/output layer really is split between the ranks: the fused log-prob kernel,
@@ -81,13 +82,25 @@ def launch(argv: list[str], zero: int | None, tmp: Path, check: bool = True, ran
 
 
 @pytest.fixture(scope="module")
-def one_process(world, tmp_path_factory):
-    """The plain one-process run of args(world, ...), run once per module: the ZeRO-2, ZeRO-3 and ZeRO-3 resume
-    tests all compare against it (`make test-slow`'s --dist loadfile keeps a file's tests on one worker).
-    Its output folder."""
-    out = tmp_path_factory.mktemp("ppo_one") / "one"
-    launch(args(world, out), None, out.parent)
-    return out
+def one_process_runs(world, tmp_path_factory):
+    """The plain one-process run of args(world, ..., --engine E), run once per module and engine: the ZeRO-2, ZeRO-3
+    and ZeRO-3 resume tests all compare against it (`make test-slow`'s --dist loadfile keeps a file's tests on one
+    worker). engine -> its output folder."""
+    runs = {}
+
+    def run(engine: str) -> Path:
+        if engine not in runs:
+            out = tmp_path_factory.mktemp(f"ppo_one_{engine}") / "one"
+            launch(args(world, out, "--engine", engine), None, out.parent)
+            runs[engine] = out
+        return runs[engine]
+    return run
+
+
+@pytest.fixture(scope="module")
+def one_process(one_process_runs):
+    """The built-in engine's one-process run."""
+    return one_process_runs("builtin")
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -118,14 +131,15 @@ def assert_same_weights(a: Path, b: Path):
         torch.testing.assert_close(wb[k], wa[k], atol=1e-5, rtol=1e-4, msg=k)
 
 
-@pytest.mark.parametrize("zero", [2, 3])
-def test_ppo_under_zero_equals_one_process(world, tmp_path, one_process, zero):
-    """2 ranks under zero{2,3}.yaml vs one plain process, same config: every logged metric (scores, KL, value and
-    policy losses, gradient norms, ptx loss, alignment tax) of a warmup step and two policy steps, the final policy
-    and the value model agree; the ZeRO-3 run synced its sampler's copy from the shards and passed the greedy check
-    after every sync."""
-    ds = launch(args(world, tmp_path / "ds"), zero, tmp_path)
-    assert f"(DeepSpeed ZeRO-{zero})" in ds.stdout
+@pytest.mark.parametrize("zero,engine", [(2, "builtin"), (3, "builtin"), (2, "vllm"), (3, "vllm")])
+def test_ppo_under_zero_equals_one_process(world, tmp_path, one_process_runs, zero, engine):
+    """2 ranks under zero{2,3}.yaml vs one plain process, same config and engine: every logged metric (scores, KL,
+    value and policy losses, gradient norms, ptx loss, alignment tax) of a warmup step and two policy steps, the final
+    policy and the value model agree; the engine (vLLM: one per rank, in-process) got its weights every sync
+    (ZeRO-3: streamed from the shards one bucket at a time) and passed the greedy check after every sync."""
+    one_process = one_process_runs(engine)
+    ds = launch(args(world, tmp_path / "ds", "--engine", engine), zero, tmp_path)
+    assert f"(DeepSpeed ZeRO-{zero})" in ds.stdout and f"engine {engine}" in ds.stdout
     one = assert_same_metrics(one_process, tmp_path / "ds", [0, 1, 2, 3])
     assert {"policy_loss", "ptx_loss", "policy_grad_norm", "value_grad_norm", "alignment_tax"} <= set(one[-1])
     assert one[-1]["kl_coef"] != one[1]["kl_coef"]  # adaptive KL moved
@@ -137,16 +151,17 @@ def test_ppo_under_zero_equals_one_process(world, tmp_path, one_process, zero):
                                                            "engines": ["policy", "value"]}
 
 
-@pytest.mark.parametrize("lora_r", [0, 4])
-def test_sync_from_zero3_shards_gathers_one_bucket_at_a_time(world, tmp_path, lora_r):
+@pytest.mark.parametrize("engine,lora_r", [("builtin", 0), ("builtin", 4), ("vllm", 4)])
+def test_sync_from_zero3_shards_gathers_one_bucket_at_a_time(world, tmp_path, engine, lora_r):
     """rollout.sync.load_buckets from a ZeRO-3 policy on 2 ranks into the built-in engine's plain copy with a 64 KiB
     bucket: the peak of gathered bytes, measured inside every gather over the whole model, stays below the bucket
     plus the largest layer (and far below the whole model); the copy equals the gathered weights (LoRA: merged per
-    layer, compared with W + B A alpha / r on the full weights)."""
+    layer, compared with W + B A alpha / r on the full weights). vllm: a vLLM engine started from another seed's
+    weights is streamed the same buckets (the peak measured in its own sync) and then passes the greedy check."""
     report, bucket = tmp_path / "report.json", 64 * 1024
     subprocess.run([*accelerate_launch("zero3", tmp_path), str(REPO / "tests" / "zero3_sync_worker.py"),
-                    str(world / "policy"), str(report), str(lora_r), str(bucket)], env={**ENV, "PYTHONPATH": str(REPO)},
-                   cwd=REPO, check=True, capture_output=True)
+                    str(world / "policy"), str(report), str(lora_r), str(bucket), engine],
+                   env={**ENV, "PYTHONPATH": str(REPO)}, cwd=REPO, check=True, capture_output=True)
     r = json.loads(report.read_text())
     print(r)
     assert r["sharded_tensors"] > 0  # the embedding (128,000 elements) at least is split between the ranks
@@ -155,6 +170,9 @@ def test_sync_from_zero3_shards_gathers_one_bucket_at_a_time(world, tmp_path, lo
     assert r["peak_gathered_bytes"] < r["whole_model_bytes"] / 2
     assert r["max_abs_diff"] == 0.0 if not lora_r else r["max_abs_diff"] < 1e-6  # a copy; LoRA: fp32 matmul order
     assert r["compared"] == r["copy_tensors"]  # every weight of the copy compared
+    if engine == "vllm":  # 3 prompts x 6 greedy tokens, each the policy's argmax with its log-prob within 1e-3
+        assert r["greedy"]["tokens_compared"] + 3 * r["greedy"]["ties"] >= 3, r["greedy"]
+        assert r["greedy"]["max_abs_logprob_diff"] < 1e-3
 
 
 def test_ppo_zero3_resumes_exactly_and_refuses_other_launches(world, tmp_path, one_process):

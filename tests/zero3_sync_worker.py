@@ -5,6 +5,10 @@ A policy (optionally with a LoRA adapter whose B matrices are non-zero, so the m
 engine exactly as align/ppo.py does; rollout.sync.load_buckets copies it into a plain copy with a small bucket. The
 main process writes a JSON report: the sync's measured peak of gathered bytes, the bucket size, the largest unit and
 the whole model's bytes, and the largest difference between the copy and the full (gathered, LoRA-merged) weights.
+
+engine "vllm": in addition, a vLLM engine on every rank is started from a folder of OTHER weights (another seed) and
+synced from the shards with the same bucket (streamed into reload_weights); its stats replace the built-in copy's,
+and its greedy tokens and log-probs are checked against the sharded policy's own forward (raises on a mismatch).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import sys
 import torch
 
 
-def main(model_dir: str, out: str, lora_r: int, bucket_bytes: int) -> None:
+def main(model_dir: str, out: str, lora_r: int, bucket_bytes: int, engine_kind: str) -> None:
     from align.models import with_lora
     from align.zero import ModelCall, check_deepspeed
     from common.loop import full_weights, make_accelerator
@@ -40,6 +44,9 @@ def main(model_dir: str, out: str, lora_r: int, bucket_bytes: int) -> None:
             p.zero_()  # every weight must be written by the sync
     sharded = sum(1 for p in unwrap(policy).parameters() if p.numel() == 0 or getattr(p, "ds_numel", 0) != p.numel())
     stats = load_buckets(copy, policy, bucket_bytes)
+    greedy = None
+    if engine_kind == "vllm":
+        stats, greedy = vllm_sync(acc, engine, policy, model_dir, out, bucket_bytes)
     whole = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in unwrap(policy).parameters())
     with full_weights(acc, engine):
         if acc.is_main_process:
@@ -53,11 +60,28 @@ def main(model_dir: str, out: str, lora_r: int, bucket_bytes: int) -> None:
             mine = dict(copy.named_parameters())
             diff = max(float((mine[n] - v).abs().max()) for n, v in full.items())
             report = {**stats, "whole_model_bytes": whole, "max_abs_diff": diff, "sharded_tensors": sharded,
-                      "compared": len(full), "copy_tensors": len(mine)}
+                      "compared": len(full), "copy_tensors": len(mine), "greedy": greedy}
             with open(out, "w") as f:
                 json.dump(report, f)
     acc.wait_for_everyone()
 
 
+def vllm_sync(acc, engine, policy, model_dir: str, out: str, bucket_bytes: int):
+    """Start vLLM on another seed's weights, sync it from the ZeRO-3 policy, greedy-check it: (stats, check)."""
+    from pathlib import Path
+
+    from data.tokenizer import load_tokenizer
+    from model.checkpoint import load_causal_lm, save_causal_lm
+    from rollout.vllm_engine import VLLMEngine
+
+    other = Path(out).parent / f"other-{acc.process_index}"
+    save_causal_lm(load_causal_lm(model_dir).init_weights(seed=1), other, load_tokenizer(model_dir))
+    vllm = VLLMEngine(other, max_model_len=64, bucket_bytes=bucket_bytes)
+    vllm.sync_weights(policy)
+    prompts = [[5, 17, 300, 42], [9, 8, 7], [123, 456, 789, 10, 11]]
+    check = vllm.greedy_check(policy, prompts, max_tokens=6, call=lambda fn, *a: engine(fn, *a))
+    return vllm.last_sync, check
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] if len(sys.argv) > 5 else "builtin")
