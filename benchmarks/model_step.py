@@ -1,10 +1,11 @@
 """One training step (forward + next-token loss + backward): the custom model vs transformers' Qwen2ForCausalLM.
 
-    python benchmarks/model_step.py [--hidden 256 --layers 4 --batch 4 --seq 256 --steps 5 --repeats 3]
+    python benchmarks/model_step.py [--hidden 256 --layers 4 --batch 4 --seq 256 --steps 5 --repeats 3 --chunk 512]
     ATEN_CPU_CAPABILITY=avx2 python benchmarks/model_step.py      # the AVX2 path on an AVX-512 machine
     ATEN_CPU_CAPABILITY=default python benchmarks/model_step.py   # torch's portable kernels
 
-Same weights, same tokens, vocab 151,936. Each implementation runs in its own subprocess, so their peak memories do
+Same weights, same tokens, vocab 151,936. --chunk: rows of logits per chunk in our log-prob kernel (default: the
+library's DEFAULT_CHUNK, 256); each chunk holds chunk x V fp32 logits, so it trades memory for fewer, larger matmuls. Each implementation runs in its own subprocess, so their peak memories do
 not mix: peak = the highest resident set size during the timed steps (VmHWM, reset after warm-up) minus the
 resident size just before them, i.e. the activation / logits memory of the step itself. The subprocesses alternate
 (transformers, ours, transformers, ours, ...) `--repeats` times and the table gives medians, so a shared machine's
@@ -81,7 +82,8 @@ def build(args):
 
 
 def step_fn(args, model):
-    from model.logprobs import weighted_logprob_sum
+    from model.logprobs import DEFAULT_CHUNK, weighted_logprob_sum
+    args.chunk = args.chunk or DEFAULT_CHUNK
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, V, (args.batch, args.seq), generator=g)
     labels = torch.cat([ids[:, 1:], torch.full((args.batch, 1), -100)], 1)
@@ -89,7 +91,7 @@ def step_fn(args, model):
 
     def ours():
         hidden = model.get_decoder()(ids)  # (B, T, H)
-        loss = weighted_logprob_sum(hidden, model.get_output_embeddings().weight, labels, coef)
+        loss = weighted_logprob_sum(hidden, model.get_output_embeddings().weight, labels, coef, chunk_size=args.chunk)
         loss.backward()
         return loss.item()
 
@@ -150,6 +152,7 @@ def main():
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    ap.add_argument("--chunk", type=int, default=None, help="ours: rows of logits per chunk (default: the library's)")
     ap.add_argument("--repeats", type=int, default=3, help="alternating runs of each side; medians are reported")
     add_threads_arg(ap)
     ap.add_argument("--impl", choices=["ours", "hf"], help=argparse.SUPPRESS)  # worker mode
@@ -175,7 +178,7 @@ def main():
     hf, ours = (summary(runs[k]) for k in ("hf", "ours"))
     assert abs(hf["loss"] - ours["loss"]) < 1e-3 * max(1.0, abs(hf["loss"])), (hf["loss"], ours["loss"])
     print(f"config: hidden {args.hidden}, layers {args.layers}, vocab {V}, batch {args.batch} x seq {args.seq}, "
-          f"{args.dtype}, {ours['threads']} threads; CPU vector path {ours['cpu_path']}; fp32 matmul peak "
+          f"log-prob chunk {args.chunk or 'default'} rows, {args.dtype}, {ours['threads']} threads; CPU vector path {ours['cpu_path']}; fp32 matmul peak "
           f"{peak:.3f} TFLOP/s; medians of {args.repeats} alternating runs; load average after: {load_average()}")
     print("| implementation | tokens/s | CPU s / step | step peak memory (MiB) | TFLOP/s | MFU |")
     print("|---|---|---|---|---|---|")

@@ -23,6 +23,8 @@ Measured per stage and mode:
 The load average at the start and end of each stage is recorded beside the times: on a shared machine the step
 times are only as good as the CPU share the stage got (memory is not affected).
 A stage whose tree goes over --max_rss_gb is killed and marked so (a guard for a shared machine).
+ZeRO-3 runs get MALLOC_MMAP_THRESHOLD_=1 MiB (--mmap_threshold): glibc then gives the layers DeepSpeed gathers and
+frees every step back to the OS instead of keeping them in a growing heap (about 20% slower steps, half the RSS).
 Writes <out>/rehearsal.json and <out>/rehearsal.md (the table and the commands).
 """
 
@@ -245,6 +247,8 @@ def run_stage(stage: str, mode: str, a, out: Path) -> dict:
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     if mode == "zero3":
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 2) // 2))
+        if a.mmap_threshold:  # glibc: blocks above this size are mmapped and given back to the OS when freed
+            env["MALLOC_MMAP_THRESHOLD_"] = str(a.mmap_threshold)
     t0, load0 = time.perf_counter(), os.getloadavg()[0]
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
@@ -300,6 +304,10 @@ def main(argv=None) -> None:
     ap.add_argument("--seq_len", type=int, default=128, help="tokens per SFT row / longest pair")
     ap.add_argument("--out", default="runs/rehearsal")
     ap.add_argument("--max_rss_gb", type=float, default=14.0, help="kill a stage whose processes hold more")
+    ap.add_argument("--mmap_threshold", type=int, default=2**20,
+                    help="zero3 runs: MALLOC_MMAP_THRESHOLD_ in bytes (0: glibc's dynamic default). ZeRO-3 gathers and "
+                         "frees every layer each step; with glibc's default the freed 1-32 MB blocks stay in the "
+                         "heap and each rank's RSS grows by GBs (0.5B LoRA SFT: 6.1 vs 3.4 GB on rank 1)")
     ap.add_argument("--timeout", type=float, default=1800.0, help="kill a stage running longer (s)")
     ap.add_argument("--build_base", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -335,7 +343,8 @@ def report(rows: list[dict], shape: Path, a, out: Path) -> None:
     cfg = json.loads(shape.read_text())
     head = (f"Shape {shape.name}: {cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}, vocab "
             f"{cfg['vocab_size']}, fp32; {a.steps} steps, seq_len {a.seq_len}, global batch 2 rows/pairs "
-            f"(PPO: 2 prompts x 2 samples, 16 new tokens); {os.cpu_count()} CPU cores.")
+            f"(PPO: 2 prompts x 2 samples, 16 new tokens); {os.cpu_count()} CPU cores; ZeRO-3 runs with "
+            f"MALLOC_MMAP_THRESHOLD_={a.mmap_threshold or 'glibc default'}.")
     cmds = "\n".join(f"- {r['mode']} {r['stage']}: `{r['command']}`" for r in rows)
     (out / "rehearsal.md").write_text(f"{head}\n\n{md}\n\nCommands:\n{cmds}\n")
     (out / "rehearsal.json").write_text(json.dumps({"shape": cfg, "steps": a.steps, "seq_len": a.seq_len,

@@ -60,7 +60,20 @@ def _cached(folder: Path, build: Callable[[Path], None]):
                     raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    return PreTrainedTokenizerFast.from_pretrained(str(folder))
+    return trim_heap(PreTrainedTokenizerFast.from_pretrained(str(folder)))
+
+
+def trim_heap(obj=None):
+    """Give the heap's free pages back to the OS (glibc malloc_trim) and return obj. Parsing a tokenizer.json leaves
+    what the parse allocated and freed in the process: for Qwen2's (151,643 tokens and merges) about 180 MB of a
+    process's RSS (500 -> 320 MB after torch and the tokenizer), on every rank. Elsewhere than glibc: nothing."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    return obj
 
 
 def _wrap_and_save(backend, out_dir: Path) -> None:
@@ -243,7 +256,7 @@ def load_tokenizer(name: str | os.PathLike):
                           f"tokenizer.json")
     from transformers import PreTrainedTokenizerFast
 
-    tok = PreTrainedTokenizerFast.from_pretrained(str(name), **_no_false_regex_warning(Path(name)))
+    tok = trim_heap(PreTrainedTokenizerFast.from_pretrained(str(name), **_no_false_regex_warning(Path(name))))
     _SOURCES[tok] = (Path(name), _state(tok))
     return tok
 

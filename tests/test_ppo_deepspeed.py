@@ -22,6 +22,7 @@ import pytest
 import torch
 from launcher import accelerate_launch
 
+from common.loop import CPU_ZERO_LIMITS
 from common.metrics import read_jsonl
 
 pytestmark = pytest.mark.slow
@@ -164,6 +165,7 @@ def test_sync_from_zero3_shards_gathers_one_bucket_at_a_time(world, tmp_path, en
                    env={**ENV, "PYTHONPATH": str(REPO)}, cwd=REPO, check=True, capture_output=True)
     r = json.loads(report.read_text())
     print(r)
+    assert r["zero_limits"] == CPU_ZERO_LIMITS  # DeepSpeed's engine runs with them (its defaults: 5e8, 1e9, 1e9, 5e7)
     assert r["sharded_tensors"] > 0  # the embedding (128,000 elements) at least is split between the ranks
     assert r["buckets"] > 3
     assert 0 < r["peak_gathered_bytes"] < bucket + r["largest_unit_bytes"]

@@ -48,6 +48,7 @@ def main(model_dir: str, out: str, lora_r: int, bucket_bytes: int, engine_kind: 
     if engine_kind == "vllm":
         stats, greedy = vllm_sync(acc, engine, policy, model_dir, out, bucket_bytes)
     whole = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in unwrap(policy).parameters())
+    zc = engine._config.zero_config  # what DeepSpeed runs with (CPU ranks: common.loop.CPU_ZERO_LIMITS)
     with full_weights(acc, engine):
         if acc.is_main_process:
             full = {n: p.detach().clone() for n, p in unwrap(policy).named_parameters()}
@@ -60,7 +61,11 @@ def main(model_dir: str, out: str, lora_r: int, bucket_bytes: int, engine_kind: 
             mine = dict(copy.named_parameters())
             diff = max(float((mine[n] - v).abs().max()) for n, v in full.items())
             report = {**stats, "whole_model_bytes": whole, "max_abs_diff": diff, "sharded_tensors": sharded,
-                      "compared": len(full), "copy_tensors": len(mine), "greedy": greedy}
+                      "compared": len(full), "copy_tensors": len(mine), "greedy": greedy,
+                      "zero_limits": {"reduce_bucket_size": zc.reduce_bucket_size,
+                                      "stage3_max_live_parameters": zc.max_live_parameters,
+                                      "stage3_max_reuse_distance": zc.max_reuse_distance,
+                                      "stage3_prefetch_bucket_size": zc.prefetch_bucket_size}}
             with open(out, "w") as f:
                 json.dump(report, f)
     acc.wait_for_everyone()
