@@ -12,8 +12,9 @@ threads each parallel op waits for, and spins on, a descheduled partner thread).
 Memory, two numbers: the step peak = the highest resident set size during steps 2..N (VmHWM, reset after step 1)
 minus the resident size then, i.e. what a training step adds on top of the model, its gradients' and optimizer's
 persistent state (as benchmarks/model_step.py and dpo_vs_trl.py measure it); and the process's peak RSS
-(ru_maxrss: imports, the tokenizer, model, optimizer state and steps together). Loading transformers' fast Qwen2
-tokenizer alone takes about 430 MB of that, torch about 220 MB, on both sides.
+(ru_maxrss: imports, the tokenizer, model, optimizer state and steps together). torch takes about 220 MB on both
+sides; loading the Qwen2 tokenizer about 280 MB through transformers (TRL's side), of which 180 MB is the heap its
+tokenizer.json parse freed and glibc kept, which data.tokenizer hands back (ours: about 100 MB).
 Prints the CPU vector path and the load average. Keep it to a few steps: it shares the machine.
 """
 
