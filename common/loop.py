@@ -126,7 +126,8 @@ def make_accelerator(precision: str, grad_accum: int, micro_batch: int):
 # 2 GB in fp32 for any model above 0.5B parameters. ZeRO-3's defaults (1e9 live parameters, reuse distance 1e9) keep
 # every layer of a model under 1B parameters gathered from the forward to the backward, so each rank holds the whole
 # model again beside its shard. Measured at the Qwen2.5-0.5B shape on 2 CPU ranks (README "Rehearsal"): LoRA SFT's
-# second step 40.7 s -> 19.0 s; full reward training 10.0 GB per rank -> see README. GPUs keep DeepSpeed's defaults.
+# second step 40.7 s -> 19.0 s; full reward training finishes at 7.5 GB per rank (stopped at 10 GB per rank with the
+# default bucket). GPUs keep DeepSpeed's defaults.
 CPU_ZERO_LIMITS = {"reduce_bucket_size": 50_000_000, "stage3_max_live_parameters": 50_000_000,
                    "stage3_max_reuse_distance": 50_000_000, "stage3_prefetch_bucket_size": 25_000_000}
 
