@@ -173,7 +173,7 @@ def test_sync_from_zero3_shards_gathers_one_bucket_at_a_time(world, tmp_path, en
     assert r["max_abs_diff"] == 0.0 if not lora_r else r["max_abs_diff"] < 1e-6  # a copy; LoRA: fp32 matmul order
     assert r["compared"] == r["copy_tensors"]  # every weight of the copy compared
     if engine == "vllm":  # 3 prompts x 6 greedy tokens, each the policy's argmax with its log-prob within 1e-3
-        assert r["greedy"]["tokens_compared"] + 3 * r["greedy"]["ties"] >= 3, r["greedy"]
+        assert r["greedy"]["tokens_compared"] + r["greedy"]["ties"] >= 3, r["greedy"]  # every row checked
         assert r["greedy"]["max_abs_logprob_diff"] < 1e-3
 
 
