@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -53,7 +52,9 @@ def build_world(d: Path, a) -> None:
 
 
 def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    from benchmarks.model_step import process_peak_mib  # VmHWM: ru_maxrss would include the driver's peak
+
+    return process_peak_mib()
 
 
 def run_ours(d: Path, a) -> dict:

@@ -42,9 +42,21 @@ def rss_kb(field: str) -> int:
     raise RuntimeError(field)
 
 
+_PEAK_BEFORE_RESETS = [0]  # KiB: the highest VmHWM that reset_peak cleared
+
+
 def reset_peak():
+    _PEAK_BEFORE_RESETS[0] = max(_PEAK_BEFORE_RESETS[0], rss_kb("VmHWM"))
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current RSS (Linux)
+
+
+def process_peak_mib() -> float:
+    """This process's own peak resident set size (MiB) from its start: VmHWM, across reset_peak calls.
+    Not getrusage's ru_maxrss: Linux carries the parent's peak across fork + exec into the child's ru_maxrss, so a
+    worker spawned by a benchmark driver holding 700 MB (torch, the tokenizer, the model it just wrote) would
+    report at least 700 MB."""
+    return max(_PEAK_BEFORE_RESETS[0], rss_kb("VmHWM")) / 1024
 
 
 def start_peak() -> int:

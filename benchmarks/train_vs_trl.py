@@ -12,7 +12,8 @@ threads each parallel op waits for, and spins on, a descheduled partner thread).
 Memory, two numbers: the step peak = the highest resident set size during steps 2..N (VmHWM, reset after step 1)
 minus the resident size then, i.e. what a training step adds on top of the model, its gradients' and optimizer's
 persistent state (as benchmarks/model_step.py and dpo_vs_trl.py measure it); and the process's peak RSS
-(ru_maxrss: imports, the tokenizer, model, optimizer state and steps together). torch takes about 220 MB on both
+(VmHWM from its start: imports, the tokenizer, model, optimizer state, steps and the final save together; not
+ru_maxrss, which Linux makes at least the driver's RSS in a spawned worker). torch takes about 220 MB on both
 sides; loading the Qwen2 tokenizer about 280 MB through transformers (TRL's side), of which 180 MB is the heap its
 tokenizer.json parse freed and glibc kept, which data.tokenizer hands back (ours: about 100 MB).
 Prints the CPU vector path and the load average. Keep it to a few steps: it shares the machine.
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -170,7 +170,9 @@ def run_trl(kind: str, out: Path, steps: int, batch: int, seq_len: int) -> dict:
 def worker(name: str, out: Path, steps: int, batch: int, seq_len: int) -> None:
     who, kind = name.split("_", 1)
     rec = (run_ours if who == "ours" else run_trl)(kind, out, steps, batch, seq_len)
-    rec["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    from benchmarks.model_step import process_peak_mib
+
+    rec["peak_rss_mb"] = process_peak_mib() * 1.048576  # MB
     rec["tokens_per_s"] = tokens_per_s(rec["tokens"], rec["seconds"])
     rec["cpu_path"] = cpu_path()
     import torch

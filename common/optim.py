@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import mmap
 
 import torch
 
@@ -84,6 +85,23 @@ class SparseEmbeddingGrad:
         self.weight.grad = self.buffer
 
 
+def untouched_zeros(like: torch.Tensor) -> torch.Tensor:
+    """Zeros shaped like `like` whose pages cost memory only once written (CPU tensors of 1 MiB and more).
+
+    torch.zeros writes every page. A fresh anonymous mapping is zero by definition (POSIX MAP_ANONYMOUS) and the
+    kernel backs a page with memory only at its first write; reads of an unwritten page see the shared zero page,
+    which is not counted as resident. Huge pages are declined so that one written row does not back 2 MiB.
+    """
+    nbytes = like.numel() * like.element_size()
+    if like.device.type != "cpu" or nbytes < 1 << 20 or not like.is_contiguous():
+        return torch.zeros_like(like)
+    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # Python's default is MAP_SHARED,
+    # which is shared memory: a read backs its page
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        buf.madvise(mmap.MADV_NOHUGEPAGE)
+    return torch.frombuffer(buf, dtype=like.dtype).view(like.shape)  # the tensor keeps `buf` alive
+
+
 class RowSparseAdamW(torch.optim.AdamW):
     """Fused AdamW that takes row-sparse gradients (an embedding with sparse=True) and updates only the rows that
     move; dense gradients go through torch's AdamW unchanged.
@@ -109,6 +127,13 @@ class RowSparseAdamW(torch.optim.AdamW):
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
         self._active = {}
+        for p in self.row_sparse:  # re-home the loaded moments: copy their nonzero rows into untouched_zeros
+            state = self.state.get(p)
+            if state and "exp_avg" in state:
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                rows = ((m != 0) | (v != 0)).flatten(1).any(1).nonzero().squeeze(1)  # (a,)
+                for key, t in (("exp_avg", m), ("exp_avg_sq", v)):
+                    state[key] = untouched_zeros(t).index_copy_(0, rows, t.index_select(0, rows))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -134,8 +159,7 @@ class RowSparseAdamW(torch.optim.AdamW):
         state = self.state[p]
         if not state:  # as torch's fused AdamW initialises it
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg"], state["exp_avg_sq"] = untouched_zeros(p), untouched_zeros(p)
         m, v = state["exp_avg"], state["exp_avg_sq"]
         active = self._active.get(p)
         if active is None:

@@ -101,7 +101,9 @@ class ScalarHeadModel(nn.Module):
             for name, obj in (extra_files or {}).items():
                 (tmp / name).write_text(json.dumps(obj, indent=2))
             if tokenizer is not None:
-                tokenizer.save_pretrained(str(tmp))
+                from data.tokenizer import save_tokenizer
+
+                save_tokenizer(tokenizer, tmp)
         return Path(path)
 
 
@@ -176,7 +178,9 @@ class HFScalarHeadModel(nn.Module):
             for name, obj in (extra_files or {}).items():
                 (tmp / name).write_text(json.dumps(obj, indent=2))
             if tokenizer is not None:
-                tokenizer.save_pretrained(str(tmp))
+                from data.tokenizer import save_tokenizer
+
+                save_tokenizer(tokenizer, tmp)
         return Path(path)
 
 

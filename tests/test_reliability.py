@@ -165,6 +165,17 @@ def test_state_round_trip_is_exact_and_pickle_free(tmp_path):
     assert {p.suffix for p in tmp_path.iterdir()} == {".json", ".safetensors"}
 
 
+def test_state_with_views_and_shared_storage_round_trips(tmp_path):
+    """save_state writes CPU tensors in place and copies only what safetensors cannot take as is: a view sharing
+    storage with a tensor already in the shard, a non-contiguous view, the same tensor twice."""
+    base = torch.arange(12, dtype=torch.float32)
+    obj = {"a": base, "b": base[2:6], "c": base.view(3, 4).t(), "d": base, "e": torch.zeros(0)}
+    save_state(tmp_path, obj)
+    back = load_state(tmp_path)
+    assert all(torch.equal(back[k], obj[k]) for k in obj) and back["c"].shape == (4, 3)
+    assert torch.equal(base, torch.arange(12, dtype=torch.float32))
+
+
 def test_planted_pickle_payloads_never_run(world, tmp_path, capsys):
     """A checkpoint with a pickle payload as its state (legacy state.pt), in place of the safetensors state, or as
     model/pytorch_model.bin, and a payload in DeepSpeed's shard format: each is refused with a message naming the

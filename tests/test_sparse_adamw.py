@@ -2,6 +2,7 @@
 gradient, torch's clip_grad_norm_ and torch's fused AdamW."""
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,9 +17,9 @@ pytestmark = pytest.mark.numerics
 BATCHES = [[[1, 2, 2], [3, 4, 1]], [[10, 11, 12], [10, 13, 14]], [[1, 20, 21], [2, 2, 2]], [[40, 41, 3], [3, 3, 3]]]
 
 
-def run(sparse: bool, clip: float, weight_decay: float = 0.1, H: int = 32):
+def run(sparse: bool, clip: float, weight_decay: float = 0.1, H: int = 32, V: int = 50):
     torch.manual_seed(0)
-    emb, head = torch.nn.Embedding(50, H), torch.nn.Linear(H, 1)
+    emb, head = torch.nn.Embedding(V, H), torch.nn.Linear(H, 1)
     model = torch.nn.Sequential(emb, head)
     opt = build_adamw(model, lr=0.05, betas=(0.9, 0.95), eps=1e-8, weight_decay=weight_decay,
                       sparse_embedding=emb if sparse else None)
@@ -35,13 +36,14 @@ def run(sparse: bool, clip: float, weight_decay: float = 0.1, H: int = 32):
     return model, opt, torch.stack(norms)
 
 
+@pytest.mark.parametrize("V", [50, 8192])  # 8,192 x 32 fp32 = 1 MiB: moments in common.optim.untouched_zeros
 @pytest.mark.parametrize("weight_decay", [0.1, 0.0])
-def test_row_sparse_adamw_equals_dense_adamw_exactly(weight_decay):
+def test_row_sparse_adamw_equals_dense_adamw_exactly(weight_decay, V):
     """Without clipping (the coefficient is exactly 1), the row-sparse step runs the same fused kernel on the same
     numbers, and untouched rows get the same decay multiply, so weights and moments are bitwise equal. H = 32 keeps
     the kernel's vector/tail split the same for a gathered row block as for the whole tensor."""
-    dense, dense_opt, _ = run(False, clip=1e9, weight_decay=weight_decay)
-    sparse, sparse_opt, _ = run(True, clip=1e9, weight_decay=weight_decay)
+    dense, dense_opt, _ = run(False, clip=1e9, weight_decay=weight_decay, V=V)
+    sparse, sparse_opt, _ = run(True, clip=1e9, weight_decay=weight_decay, V=V)
     for a, b in zip(dense.parameters(), sparse.parameters()):
         assert torch.equal(a, b)
         for key in ("exp_avg", "exp_avg_sq", "step"):
@@ -67,12 +69,13 @@ def test_clip_with_sparse_gradient_equals_dense_clip():
         assert_within(b, a.double(), bound, "weights")
 
 
-def test_row_sparse_adamw_resumes_from_a_dense_checkpoint():
+@pytest.mark.parametrize("V", [50, 8192])
+def test_row_sparse_adamw_resumes_from_a_dense_checkpoint(V):
     """The state_dict is AdamW's: a RowSparseAdamW loaded from a dense AdamW run's checkpoint continues with the rows
     that have moments as its active rows, equal to the dense run."""
     torch.manual_seed(0)
-    dense, dense_opt, _ = run(False, clip=1e9)
-    emb, head = torch.nn.Embedding(50, 32), torch.nn.Linear(32, 1)
+    dense, dense_opt, _ = run(False, clip=1e9, V=V)
+    emb, head = torch.nn.Embedding(V, 32), torch.nn.Linear(32, 1)
     model = torch.nn.Sequential(emb, head)
     model.load_state_dict(dense.state_dict())
     opt = build_adamw(model, lr=0.05, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, sparse_embedding=emb)
@@ -84,3 +87,40 @@ def test_row_sparse_adamw_resumes_from_a_dense_checkpoint():
             o.zero_grad(set_to_none=True)
     for a, b in zip(dense.parameters(), model.parameters()):
         assert torch.equal(a, b)
+
+
+def rss_anon_mib() -> float:
+    return int(next(ln for ln in open("/proc/self/status") if ln.startswith("RssAnon")).split()[1]) / 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the resident set from /proc (Linux)")
+def test_moments_of_untouched_rows_take_no_memory():
+    """Qwen's 151,936 x 128 embedding: dense AdamW moments are 2 x 74 MiB. After steps that touch 300 rows, and
+    after a resume from a dense state_dict, the row-sparse moments hold only the pages of the rows that moved
+    (300 rows x 512 B in at most 600 pages of 4 KiB: under 3 MiB each) and still equal dense AdamW's."""
+    torch.manual_seed(0)
+    V, H = 151_936, 128
+    emb = torch.nn.Embedding(V, H)
+    opt = build_adamw(emb, lr=0.01, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, sparse_embedding=emb)
+    ids = torch.randperm(V)[:300].view(3, 100)
+    before = rss_anon_mib()
+    for step_ids in ids:
+        emb(step_ids).pow(2).sum().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    grown = rss_anon_mib() - before
+    assert grown < 20, f"{grown:.0f} MiB for moments of 300 rows (dense moments: 148 MiB)"
+    m = opt.state[emb.weight]["exp_avg"]
+    assert set((m != 0).any(1).nonzero().flatten().tolist()) == set(ids.flatten().tolist())
+
+    sd = copy.deepcopy(opt.state_dict())  # dense copies, as a checkpoint load gives
+    emb2 = torch.nn.Embedding(V, H)
+    emb2.load_state_dict(emb.state_dict())
+    opt2 = build_adamw(emb2, lr=0.01, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, sparse_embedding=emb2)
+    before = rss_anon_mib()
+    opt2.load_state_dict(sd)
+    del sd
+    grown = rss_anon_mib() - before
+    assert grown < -100, f"{grown:.0f} MiB: the loaded dense moments were kept (dropping them frees 148 MiB)"
+    for key in ("exp_avg", "exp_avg_sq", "step"):
+        assert torch.equal(opt2.state[emb2.weight][key], opt.state[emb.weight][key]), key
