@@ -68,7 +68,7 @@ def gather_rows(acc, local: dict) -> dict:
     return out
 
 
-def response_logprobs(model, batch: dict, temperature: float, chunk_size: int, entropy: bool = False):
+def response_logprobs(model, batch: dict, temperature: float, chunk_size: int | None, entropy: bool = False):
     """log pi(response tokens) (N, R) from a causal LM (and the entropies, no grad), at the sampler's temperature."""
     from model.logprobs import causal_lm_logprobs
 
@@ -86,7 +86,7 @@ def label_count(rows: list[dict]) -> int:
     return sum(t != IGNORE_INDEX for r in rows for t in r["labels"])
 
 
-def lm_loss(policy, rows: list[dict], pad_id: int, chunk_size: int, coef: float = 0.0,
+def lm_loss(policy, rows: list[dict], pad_id: int, chunk_size: int | None, coef: float = 0.0,
             n_tokens: int | None = None) -> float:
     """Summed NLL of packed text rows divided by n_tokens (default: their own token count, i.e. the token mean); with
     coef > 0 also backpropagates coef x that loss (PPO-ptx) through the fused weighted_logprob_sum (gradient
@@ -99,7 +99,7 @@ def lm_loss(policy, rows: list[dict], pad_id: int, chunk_size: int, coef: float 
     return float(total.detach()) / (coef if coef > 0 else 1.0)
 
 
-def lm_loss_tensor(policy, rows: list[dict], pad_id: int, chunk_size: int, coef: float = 0.0,
+def lm_loss_tensor(policy, rows: list[dict], pad_id: int, chunk_size: int | None, coef: float = 0.0,
                    n_tokens: int | None = None) -> torch.Tensor:
     """-coef x (summed log-probs of the rows' labels) / n_tokens as a scalar tensor (coef 0: the plain NLL, no graph);
     with coef > 0 its backward gives coef x the LM-loss gradient (PPO-ptx; under DeepSpeed the engine runs it)."""
@@ -117,7 +117,7 @@ def lm_loss_tensor(policy, rows: list[dict], pad_id: int, chunk_size: int, coef:
                                     -valid / n * (coef if coef > 0 else 1.0), chunk_size=chunk_size)
 
 
-def heldout_loss(policy, rows: list[dict], pad_id: int, chunk_size: int, batch: int = 8, acc=None,
+def heldout_loss(policy, rows: list[dict], pad_id: int, chunk_size: int | None, batch: int = 8, acc=None,
                  call=None) -> float:
     """Alignment tax probe: token-mean NLL over the held-out pretraining rows (no grad). With an accelerator of W
     processes each group of W x batch rows is split over the ranks and the partial sums added. `call(fn, *args)`

@@ -17,7 +17,7 @@ class SequenceLogprobs(torch.nn.Module):
     Only positions with a label (the completion tokens) go through the output layer: with a 151,936-wide
     vocabulary the head is most of the step, and the prompt's next-token log-probs are not needed."""
 
-    def __init__(self, lm: torch.nn.Module, chunk_size: int):
+    def __init__(self, lm: torch.nn.Module, chunk_size: int | None = None):
         super().__init__()
         self.lm, self.chunk_size = lm, chunk_size
 

@@ -69,7 +69,9 @@ class SFTConfig:
     weight_decay: float = cfg(0.1, "AdamW weight decay (not on biases and norms)")
     grad_clip: float = cfg(1.0, "max global gradient norm; 0 = no clipping")
     precision: str = cfg("auto", "'auto' (bf16 on a GPU that has it, else fp32), 'bf16' or 'fp32'")
-    chunk_size: int = cfg(256, "rows of logits per chunk in the log-prob kernel (memory vs speed)")
+    chunk_size: Optional[int] = cfg(None, "rows of logits per chunk in the log-prob kernel (memory vs speed: a row "
+                                          "is 151,936 fp32 logits, 0.6 MB); None = 2 x hidden size within [256, 512] "
+                                          "(model.logprobs.auto_chunk)")
     # --- run ---
     output_dir: str = cfg("runs/sft", "checkpoints, metrics.jsonl, tb/, loss.png and the final model go here")
     report_to: str = cfg("tensorboard", "trackers besides metrics.jsonl (always written): comma-separated "
@@ -110,7 +112,7 @@ class SFTConfig:
             raise ConfigError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
         for name in ("seq_len", "micro_batch_size_per_rank", "grad_accum_steps", "num_epochs", "keep_last",
                      "log_every", "chunk_size"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:  # None: chunk_size's auto
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"max_steps must be >= 1 or None, got {self.max_steps}")

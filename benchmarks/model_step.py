@@ -5,8 +5,9 @@
     ATEN_CPU_CAPABILITY=default python benchmarks/model_step.py   # torch's portable kernels
 
 Same weights, same tokens, vocab 151,936. --chunk: rows of logits per chunk in our log-prob kernel (default: the
-library's DEFAULT_CHUNK, 256); each chunk holds chunk x V fp32 logits, so it trades memory for fewer, larger matmuls. Each implementation runs in its own subprocess, so their peak memories do
-not mix: peak = the highest resident set size during the timed steps (VmHWM, reset after warm-up) minus the
+library's, model.logprobs.auto_chunk: 2 x hidden within [256, 512], so 512 at hidden 256); each chunk holds
+chunk x V fp32 logits, so it trades memory for fewer, larger matmuls. Each implementation runs in its own
+subprocess, so their peak memories do not mix: peak = the highest resident set size during the timed steps (VmHWM, reset after warm-up) minus the
 resident size just before them, i.e. the activation / logits memory of the step itself. The subprocesses alternate
 (transformers, ours, transformers, ours, ...) `--repeats` times and the table gives medians, so a shared machine's
 load changing during the run hits both sides alike; the load average is printed before and after. Also measures
@@ -94,8 +95,8 @@ def build(args):
 
 
 def step_fn(args, model):
-    from model.logprobs import DEFAULT_CHUNK, weighted_logprob_sum
-    args.chunk = args.chunk or DEFAULT_CHUNK
+    from model.logprobs import auto_chunk, weighted_logprob_sum
+    args.chunk = args.chunk or auto_chunk(args.hidden)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, V, (args.batch, args.seq), generator=g)
     labels = torch.cat([ids[:, 1:], torch.full((args.batch, 1), -100)], 1)
@@ -187,10 +188,13 @@ def main():
             runs[impl].append(row)
             print(f"[bench] run {r + 1}/{args.repeats} {impl}: {row['tokens_per_s']:.0f} tokens/s, "
                   f"{row['peak_mib']:.0f} MiB; load average {load_average()}", file=sys.stderr, flush=True)
+    from model.logprobs import auto_chunk
+
     hf, ours = (summary(runs[k]) for k in ("hf", "ours"))
     assert abs(hf["loss"] - ours["loss"]) < 1e-3 * max(1.0, abs(hf["loss"])), (hf["loss"], ours["loss"])
     print(f"config: hidden {args.hidden}, layers {args.layers}, vocab {V}, batch {args.batch} x seq {args.seq}, "
-          f"log-prob chunk {args.chunk or 'default'} rows, {args.dtype}, {ours['threads']} threads; CPU vector path {ours['cpu_path']}; fp32 matmul peak "
+          f"log-prob chunk {args.chunk or auto_chunk(args.hidden)} rows, {args.dtype}, {ours['threads']} threads; "
+          f"CPU vector path {ours['cpu_path']}; fp32 matmul peak "
           f"{peak:.3f} TFLOP/s; medians of {args.repeats} alternating runs; load average after: {load_average()}")
     print("| implementation | tokens/s | CPU s / step | step peak memory (MiB) | TFLOP/s | MFU |")
     print("|---|---|---|---|---|---|")

@@ -28,6 +28,7 @@ def main():
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--chunk", type=int, default=None, help="ours: rows of logits per chunk (default: the library's)")
     ap.add_argument("--rows", type=int, default=30, help="ops to print")
     ap.add_argument("--shapes", action="store_true", help="group by input shapes too")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default); 1 gives op times "

@@ -12,7 +12,23 @@ import torch
 
 from data.chatml import IGNORE_INDEX
 
-DEFAULT_CHUNK = 256  # rows per chunk: 256 x 151,936 fp32 logits = 156 MB
+DEFAULT_CHUNK = 256  # the smallest default chunk: 256 x 151,936 fp32 logits = 156 MB
+MAX_DEFAULT_CHUNK = 512
+
+
+def auto_chunk(hidden_size: int) -> int:
+    """Rows per chunk when none is given: 2 x hidden size, within [256, 512].
+
+    The (chunk, V) fp32 logits buffer is then about half of the output layer's fp32 training state (weight, gradient
+    and two AdamW moments: 16 x H x V bytes; for H < 128 the floor of 256 rows makes it more), and each of the three
+    head matmuls gets at least 256 rows. Fewer rows cost speed: on 2 AVX2 cores a 256-row chunk runs the head's
+    matmuls about 20% slower per row than a 512-row one (benchmarks/model_step.py --chunk 256 / 512, hidden 256).
+    """
+    return min(MAX_DEFAULT_CHUNK, max(DEFAULT_CHUNK, 2 * int(hidden_size)))
+
+
+def _rows_per_chunk(chunk_size: int | None, hidden) -> int:
+    return int(chunk_size) if chunk_size else auto_chunk(hidden.shape[-1])
 
 
 # Every kernel below allocates ONE (chunk, V) fp32 buffer per call and works in it in place: each chunk's logits
@@ -186,17 +202,17 @@ def _labelled_rows(hidden, labels):
     return rows, hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows), flat.index_select(0, rows)
 
 
-def weighted_logprob_sum(hidden, weight, labels, coef, temperature: float = 1.0, chunk_size: int = DEFAULT_CHUNK):
+def weighted_logprob_sum(hidden, weight, labels, coef, temperature: float = 1.0, chunk_size: int | None = None):
     """sum(coef * logp(labels)) as a scalar, for losses linear in the log-probs (SFT NLL: coef = -mask / n_tokens;
     PPO-ptx). hidden (B, T, H), labels and coef (B, T). Equals `(coef * token_logprobs(...)).sum()` in value and
     gradient, faster (no recompute in backward). Positions labelled IGNORE_INDEX contribute nothing (and cost
     nothing: the output layer only sees labelled positions)."""
     rows, h, lab = _labelled_rows(hidden, labels)
     return _WeightedLogprobSum.apply(h, weight, lab, coef.reshape(-1).detach().index_select(0, rows),
-                                     float(temperature), int(chunk_size), torch.is_grad_enabled())
+                                     float(temperature), _rows_per_chunk(chunk_size, hidden), torch.is_grad_enabled())
 
 
-def token_logprobs(hidden, weight, labels, temperature: float = 1.0, chunk_size: int = DEFAULT_CHUNK,
+def token_logprobs(hidden, weight, labels, temperature: float = 1.0, chunk_size: int | None = None,
                    return_entropy: bool = False):
     """log p(labels) under softmax(hidden @ weight.T / temperature), chunked.
 
@@ -207,14 +223,15 @@ def token_logprobs(hidden, weight, labels, temperature: float = 1.0, chunk_size:
     """
     lead = labels.shape
     rows, h, lab = _labelled_rows(hidden, labels)
-    logp, ent = _TokenLogprobs.apply(h, weight, lab, float(temperature), int(chunk_size), return_entropy)
+    logp, ent = _TokenLogprobs.apply(h, weight, lab, float(temperature), _rows_per_chunk(chunk_size, hidden),
+                                     return_entropy)
     n = labels.numel()
     logp = logp.new_zeros(n).index_copy(0, rows, logp).view(lead)  # (lead) with 0 on unlabelled positions
     return (logp, ent.new_zeros(n).index_copy(0, rows, ent).view(lead)) if return_entropy else logp
 
 
 def causal_lm_logprobs(model, input_ids, labels, attention_mask=None, position_ids=None, temperature: float = 1.0,
-                       chunk_size: int = DEFAULT_CHUNK, return_entropy: bool = False):
+                       chunk_size: int | None = None, return_entropy: bool = False):
     """Log-probs (B, T) of `labels` (already shifted by data.chatml.shift_labels) for the custom model or any
     transformers causal LM (also peft-wrapped): hidden states from `get_decoder()`, weights of the output layer."""
     decoder = model.get_decoder()

@@ -11,7 +11,7 @@ from numerics import assert_within, logprob_bounds
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from data.chatml import IGNORE_INDEX
-from model.logprobs import causal_lm_logprobs, reference_logprobs, token_logprobs
+from model.logprobs import auto_chunk, causal_lm_logprobs, reference_logprobs, token_logprobs
 from model.qwen import QwenConfig, QwenForCausalLM
 
 pytestmark = pytest.mark.numerics
@@ -130,3 +130,8 @@ def test_fused_weighted_sum_equals_slow_version(chunk, temperature):
     with torch.no_grad():  # no gradient work (and no error) without grad mode
         got = weighted_logprob_sum(h, w, labels, coef, temperature)
     assert_within(3 * got, ref64["sum"], bound["sum"], "no-grad value")
+
+
+def test_default_chunk_is_twice_the_hidden_size_within_256_and_512():
+    """The kernels' default rows per chunk (chunk_size None, the trainers' default): 2 x hidden, in [256, 512]."""
+    assert [auto_chunk(h) for h in (32, 128, 129, 200, 256, 896, 3584)] == [256, 256, 258, 400, 512, 512, 512]
