@@ -102,6 +102,11 @@ def untouched_zeros(like: torch.Tensor) -> torch.Tensor:
     return torch.frombuffer(buf, dtype=like.dtype).view(like.shape)  # the tensor keeps `buf` alive
 
 
+def _rows_with_moments(m: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """(rows,) bool: the rows of a parameter whose AdamW moments are not all zero (m, v: (rows, ...))."""
+    return ((m != 0) | (v != 0)).flatten(1).any(1)
+
+
 class RowSparseAdamW(torch.optim.AdamW):
     """Fused AdamW that takes row-sparse gradients (an embedding with sparse=True) and updates only the rows that
     move; dense gradients go through torch's AdamW unchanged.
@@ -131,7 +136,8 @@ class RowSparseAdamW(torch.optim.AdamW):
             state = self.state.get(p)
             if state and "exp_avg" in state:
                 m, v = state["exp_avg"], state["exp_avg_sq"]
-                rows = ((m != 0) | (v != 0)).flatten(1).any(1).nonzero().squeeze(1)  # (a,)
+                self._active[p] = active = _rows_with_moments(m, v)
+                rows = active.nonzero().squeeze(1)  # (a,)
                 for key, t in (("exp_avg", m), ("exp_avg_sq", v)):
                     state[key] = untouched_zeros(t).index_copy_(0, rows, t.index_select(0, rows))
 
@@ -163,7 +169,7 @@ class RowSparseAdamW(torch.optim.AdamW):
         m, v = state["exp_avg"], state["exp_avg_sq"]
         active = self._active.get(p)
         if active is None:
-            active = self._active[p] = ((m != 0) | (v != 0)).flatten(1).any(1)  # (rows,)
+            active = self._active[p] = _rows_with_moments(m, v)
         g = g.coalesce()
         rows, values = g.indices()[0], g.values()  # (n,) sorted and distinct, (n, H)
         nonzero = values.flatten(1).ne(0).any(1)  # a looked-up row can get an all-zero gradient (a padding token)
