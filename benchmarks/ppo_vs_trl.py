@@ -26,6 +26,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 TRL_DIR = REPO / ".cache" / "trl112"
+sys.path.insert(0, str(REPO))  # benchmarks.* in the driver and in each side's process
 
 
 def build_world(d: Path, n_prompts: int, config: Path, vocab: int | None = None) -> None:
@@ -149,7 +150,6 @@ def main(argv=None) -> None:
     if a.side:  # child process: run one side, print one JSON line
         print("RESULT " + json.dumps((run_ours if a.side == "ours" else run_trl)(a.workdir, a)), flush=True)
         return
-    sys.path.insert(0, str(REPO))
     from benchmarks.machine import machine_line
 
     print(machine_line(), flush=True)
