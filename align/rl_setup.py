@@ -145,14 +145,17 @@ def load_models(c, resume_dir: Path | None, device):
 def build_engine(c, policy, pad_id: int, stage: int = 0):
     """rollout.make_engine; vLLM is imported only for engine 'vllm' (it loads the SFT folder, then gets synced).
     Under ZeRO-3 the built-in engine samples from its own whole copy of the policy (as vLLM does), loaded from the
-    SFT folder and synced from the shards one size-capped bucket at a time (rollout/sync.py)."""
+    SFT folder and synced from the shards one size-capped bucket at a time (rollout/sync.py), in the dtype DeepSpeed
+    trains in (bf16 under --precision bf16: half the memory, and the policy's own rounding of the weights)."""
     from rollout import make_engine
 
     if c.engine == "builtin" and stage == 3:
+        from common.loop import resolve_precision
         from model.checkpoint import load_causal_lm
         from rollout.builtin import ShardedSyncEngine
 
-        return ShardedSyncEngine(load_causal_lm(c.policy_path).eval().requires_grad_(False), pad_id=pad_id)
+        dtype = torch.bfloat16 if resolve_precision(c.precision) == "bf16" else torch.float32
+        return ShardedSyncEngine(load_causal_lm(c.policy_path, dtype).eval().requires_grad_(False), pad_id=pad_id)
     if c.engine == "builtin":
         return make_engine("builtin", policy, pad_id=pad_id)
     return make_engine("vllm", policy, c.policy_path, max_model_len=c.max_prompt_len + c.max_new_tokens,

@@ -100,7 +100,7 @@ def stage_cmd(stage: str, mode: str, a, out: Path) -> tuple[list[str], int]:
         return mine if mine.exists() or not (out / ("one" if mode != "one" else "zero3") / st / "final").exists() \
             else out / ("one" if mode != "one" else "zero3") / st / "final"
     common = ["--seq_len", str(a.seq_len), "--max_steps", str(a.steps), "--warmup_steps", "0", "--log_every", "1",
-              "--report_to", "none", "--precision", "fp32", "--resume", "false", "--overwrite_output_dir", "true"]
+              "--report_to", "none", "--precision", a.precision, "--resume", "false", "--overwrite_output_dir", "true"]
     if stage == "sft":
         return ["align/sft.py", "--model_path", str(base), "--train_files", str(data / "sft.jsonl"), "--lora_r", "8",
                 "--lr", "1e-4", "--micro_batch_size_per_rank", "1", "--grad_accum_steps", accum,
@@ -121,7 +121,7 @@ def stage_cmd(stage: str, mode: str, a, out: Path) -> tuple[list[str], int]:
             "--engine", "builtin", "--rollout_batch_prompts", "2", "--samples_per_prompt", "2",
             "--max_new_tokens", "16", "--max_prompt_len", "64", "--micro_batch_size", "1", "--num_mini_batches", "1",
             "--value_warmup_steps", "0", "--max_steps", str(a.steps), "--policy_lr", "1e-5", "--value_lr", "1e-5",
-            "--true_reward", "false", "--verify_sync_every", "1", "--report_to", "none", "--precision", "fp32",
+            "--true_reward", "false", "--verify_sync_every", "1", "--report_to", "none", "--precision", a.precision,
             "--resume", "false", "--overwrite_output_dir", "true", "--output_dir", str(run / "ppo")], 4
 
 
@@ -130,7 +130,7 @@ def launcher(mode: str, out: Path) -> list[str]:
         return [sys.executable]
     cfg = (REPO / "configs" / "accelerate" / "zero3.yaml").read_text().replace("num_processes: 8", "num_processes: 2")
     path = out / "zero3_2ranks.yaml"
-    path.write_text(cfg)  # bf16 in it: the trainers' --precision fp32 wins
+    path.write_text(cfg)  # bf16 in it: the trainers' --precision wins
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(path)]
 
 
@@ -308,6 +308,8 @@ def main(argv=None) -> None:
                     help="zero3 runs: MALLOC_MMAP_THRESHOLD_ in bytes (0: glibc's dynamic default). ZeRO-3 gathers and "
                          "frees every layer each step; with glibc's default the freed 1-32 MB blocks stay in the "
                          "heap and each rank's RSS grows by GBs (0.5B LoRA SFT: 6.1 vs 3.4 GB on rank 1)")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                    help="the trainers' --precision (bf16: DeepSpeed keeps bf16 weights and fp32 master copies)")
     ap.add_argument("--timeout", type=float, default=1800.0, help="kill a stage running longer (s)")
     ap.add_argument("--build_base", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -342,7 +344,7 @@ def report(rows: list[dict], shape: Path, a, out: Path) -> None:
     md = table(rows)
     cfg = json.loads(shape.read_text())
     head = (f"Shape {shape.name}: {cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}, vocab "
-            f"{cfg['vocab_size']}, fp32; {a.steps} steps, seq_len {a.seq_len}, global batch 2 rows/pairs "
+            f"{cfg['vocab_size']}, {a.precision}; {a.steps} steps, seq_len {a.seq_len}, global batch 2 rows/pairs "
             f"(PPO: 2 prompts x 2 samples, 16 new tokens); {os.cpu_count()} CPU cores; ZeRO-3 runs with "
             f"MALLOC_MMAP_THRESHOLD_={a.mmap_threshold or 'glibc default'}.")
     cmds = "\n".join(f"- {r['mode']} {r['stage']}: `{r['command']}`" for r in rows)
