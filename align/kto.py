@@ -375,7 +375,7 @@ def train(c: KTOConfig) -> list[float]:
 
     # 8. final HF model (LoRA merged) and the curves
     if stop == total:
-        with full_weights(acc):  # ZeRO-3: every rank gathers the weights, the main process writes them
+        with full_weights(acc, stage_dir=out):  # ZeRO-3: every rank gathers, bucket by bucket; the main process writes
             if acc.is_main_process:
                 with run.writing("the final model"):
                     save_model(policy.lm, out / "final", tokenizer, merge=True)

@@ -101,7 +101,8 @@ def save_model(model, path: Path, tokenizer, merge: bool = False) -> None:
     from model.qwen import QwenForCausalLM
 
     if hasattr(model, "peft_config") and merge:
-        model = model.merge_and_unload()
+        base = model.get_base_model()  # under ZeRO-3 full_weights staged it LoRA-merged, layer by layer
+        model = base if getattr(base, "staged_weights", None) is not None else model.merge_and_unload()
     if isinstance(model, QwenForCausalLM):
         save_causal_lm(model, path, tokenizer)
         return

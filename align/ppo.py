@@ -602,8 +602,9 @@ def train(c: PPOConfig) -> list[dict]:
         if (c.save_every and (step + 1) % c.save_every == 0) or step + 1 == stop:
             checkpoint(run, step + 1)
     bar.close()
-    with full_weights(run.acc, run.zero.policy_engine) if stop == c.max_steps else contextlib.nullcontext():
-        if stop == c.max_steps and run.acc.is_main_process:  # ZeRO-3: every rank gathered the weights above
+    final = stop == c.max_steps  # ZeRO-3: every rank gathers the policy bucket by bucket (LoRA merged per layer)
+    with full_weights(run.acc, run.zero.policy_engine, stage_dir=out) if final else contextlib.nullcontext():
+        if final and run.acc.is_main_process:
             final_outputs(run, out)
     log.close()
     run.folder.end(run.acc, finished=stop == c.max_steps)  # waits for every rank; marks the run finished

@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -138,27 +139,89 @@ def deepspeed_engine(accelerator):
     return None if wrapped is None else wrapped.engine
 
 
+STAGED = ".weights-"  # common.loop.full_weights' staging folders (prefix), removed at exit or by the next save
+
+
 @contextlib.contextmanager
-def full_weights(accelerator, engine=None) -> Iterator[None]:
-    """Under ZeRO-3 each rank holds a shard of every parameter: inside this block the main process's parameters are
-    the full weights (on CPU), so it can write the Hugging Face folder with the usual code. DeepSpeed gathers them
-    one module at a time (GPU memory: one layer), copying each to the main process's CPU memory (the whole model in
-    its training dtype). A collective: enter it on every rank. Otherwise a no-op. `engine`: which engine's model
-    (default: the one accelerate prepared first)."""
+def full_weights(accelerator, engine=None, stage_dir: str | Path | None = None, adapter_only: bool = False,
+                 bucket_bytes: int | None = None) -> Iterator[dict]:
+    """Under ZeRO-3 each rank holds a shard of every parameter; inside this block the main process can write the
+    model's Hugging Face folder with the usual code. A collective: enter it on every rank (the body runs where the
+    caller says, usually the main process only). Without ZeRO-3 a no-op. `engine`: which engine's model (default:
+    the one accelerate prepared first). Yields the gather statistics (common.gather.sharded_buckets; {} when none).
+
+    - Streamed (a model whose class sets `streams_weights`: the custom causal LM and scalar-head models, LoRA
+      merged), when `stage_dir` is given: every rank gathers the weights one size-capped bucket at a time
+      (common.gather.sharded_buckets, at most `bucket_bytes` plus one layer gathered) and the main process writes
+      each bucket to safetensors files in a staging folder under `stage_dir` (common.safestate.StreamedSafetensors)
+      and drops it; the model's `staged_weights` names that folder, and model.checkpoint.save_weights links its
+      files into the saved folder instead of reading the (sharded) parameters. No rank holds the whole model.
+    - adapter_only (a LoRA checkpoint, which saves the adapter only): only the trainable parameters are gathered.
+    - Otherwise (transformers' models, which save through save_pretrained): DeepSpeed consolidates the whole model
+      into the main process's CPU memory (in its training dtype) and the parameters point at it."""
     engine = engine if engine is not None else deepspeed_engine(accelerator)
     if engine is None or engine.zero_optimization_stage() != 3:
-        yield
+        yield {}
         return
+    import deepspeed
+
+    from common.gather import DEFAULT_BUCKET_BYTES, sharded_buckets
+    from common.safestate import StreamedSafetensors
+
+    engine.empty_partition_cache()  # every rank: wait for and release what a forward left prefetched (in flight)
+    module = engine.module
+    if adapter_only and any(hasattr(m, "peft_config") for m in module.modules()):
+        trainable = [p for p in module.parameters() if p.requires_grad]
+        with deepspeed.zero.GatheredParameters(trainable, modifier_rank=None):
+            yield {}
+        return
+    target = next((m for m in module.modules() if getattr(type(m), "streams_weights", False)), None)
+    if target is None or stage_dir is None:
+        yield from _consolidated(accelerator, engine)
+        return
+    main, stats, folder, error = accelerator.is_main_process, {}, None, None
+    if main:
+        stage_dir = Path(stage_dir)
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        for old in stage_dir.glob(STAGED + "*"):  # left by a crash mid-save (the run folder is locked: ours)
+            shutil.rmtree(old, ignore_errors=True)
+        folder = Path(tempfile.mkdtemp(prefix=STAGED, dir=stage_dir))
+        names = [n for n, _ in target.named_parameters(remove_duplicate=False)]
+        writer = StreamedSafetensors(folder, StreamedSafetensors.header_bound(names))
+    skip = {"lm_head.weight"} if getattr(getattr(target, "config", None), "tie_word_embeddings", False) else set()
+    try:
+        for bucket in sharded_buckets(target, bucket_bytes or DEFAULT_BUCKET_BYTES, stats):
+            if main and error is None:  # after a failed write keep gathering: every rank runs the same collectives
+                try:
+                    for name, t in bucket.items():
+                        if name not in skip:  # tied: transformers and save_causal_lm leave lm_head out
+                            writer.add(name, t)
+                except Exception as e:
+                    error = e
+        if main and error is None:
+            writer.close()
+        if error is not None:
+            raise error
+        target.staged_weights = folder
+        yield stats
+    finally:
+        target.staged_weights = None
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _consolidated(accelerator, engine) -> Iterator[dict]:
+    """full_weights' fallback: the whole model in the main process's CPU memory, the parameters pointing at it."""
     full = engine._zero3_consolidated_16bit_state_dict()  # every rank; the tensors land on the main process only
     if not accelerator.is_main_process:
-        yield
+        yield {}
         return
     params = dict(engine.module.named_parameters())  # tied weights once
     shards = {name: p.data for name, p in params.items()}
     try:
         for name, p in params.items():
             p.data = full[name]
-        yield
+        yield {}
     finally:
         for name, p in params.items():
             p.data = shards[name]
@@ -197,7 +260,8 @@ def save_run_checkpoint(accelerator, root: str | Path, step: int, save_model: Ca
     path = None
     with contextlib.ExitStack() as stack:
         for engine in engines.values():
-            stack.enter_context(full_weights(accelerator, engine))
+            # streamed bucket by bucket (a LoRA run saves its adapter: only that is gathered)
+            stack.enter_context(full_weights(accelerator, engine, stage_dir=root, adapter_only=True))
         if accelerator.is_main_process:
             path = save_checkpoint(root, step, save_model, None if engines else optimizer, scheduler, train_state,
                                    rngs, keep_last, extra_dirs={DEEPSPEED_DIR: shards} if shards else None,

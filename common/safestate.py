@@ -168,3 +168,80 @@ def safe_torch_load(path: str | Path, map_location=None) -> Any:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UnsafeStateError(f"{path}: refused to load (only tensors and DeepSpeed's own state are read, never "
                                f"arbitrary pickled objects): {first}") from None
+
+
+# ------------------------------------------------------------------------------------------- streamed weights
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+
+
+class StreamedSafetensors:
+    """Hugging Face weight files written one tensor at a time, for weights that arrive bucket by bucket (a ZeRO-3
+    model gathered by common.gather.sharded_buckets): no dict of the whole model is ever held, and a tensor may be
+    freed once `add` returns.
+
+    The safetensors header must come first but lists every tensor's offsets, so each file reserves `header_bytes`
+    up front (an upper bound from the names, see `header_bound`) and writes its header there at the end, padded with
+    spaces (valid JSON; safetensors itself pads to 8 bytes). A file is closed when the next tensor would take it past
+    `max_shard_bytes`; one file is `model.safetensors`, several are `model-0000k-of-0000N.safetensors` with
+    `model.safetensors.index.json`, as model.checkpoint.write_weights and transformers name them."""
+
+    def __init__(self, folder: str | Path, header_bytes: int, max_shard_bytes: int = 2 * 1024**3):
+        self.folder, self.max_shard_bytes = Path(folder), max_shard_bytes
+        self.header_bytes = -(-header_bytes // 8) * 8  # the data section starts 8-byte aligned
+        self.files: list[tuple[Path, dict]] = []  # (part file, its header entries), closed ones
+        self._f, self._entries, self._size = None, {}, 0
+
+    @staticmethod
+    def header_bound(names) -> int:
+        """Bytes that surely hold the header of any subset of `names` (a generous 128 bytes per entry beyond the
+        name: dtype, a shape of up to 4 dimensions and two 20-digit offsets take under 100)."""
+        return 256 + sum(len(n) + 128 for n in names)
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        if t.dtype not in _ST_DTYPES:
+            raise TypeError(f"{name}: dtype {t.dtype} has no safetensors name")
+        if name in self._entries or any(name in e for _, e in self.files):
+            raise KeyError(f"{name}: written twice")
+        n = t.numel() * t.element_size()
+        if self._f is not None and self._size and self._size + n > self.max_shard_bytes:
+            self._finish()
+        if self._f is None:
+            path = self.folder / f".part-{len(self.files):05d}"
+            self._f = open(path, "wb")
+            self._f.seek(8 + self.header_bytes)  # the header goes here at the end
+            self._path, self._entries, self._size = path, {}, 0
+        data = t.detach().contiguous().cpu().reshape(-1)
+        if n:
+            self._f.write(data.view(torch.uint8).numpy())  # the tensor's own bytes, no copy (little endian)
+        self._entries[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape),
+                               "data_offsets": [self._size, self._size + n]}
+        self._size += n
+
+    def _finish(self) -> None:
+        head = json.dumps({"__metadata__": {"format": "pt"}, **self._entries}, separators=(",", ":")).encode()
+        if len(head) > self.header_bytes:
+            raise ValueError(f"safetensors header of {len(head)} bytes exceeds the {self.header_bytes} reserved")
+        self._f.seek(0)
+        self._f.write(len(head.ljust(self.header_bytes)).to_bytes(8, "little") + head.ljust(self.header_bytes))
+        self._f.close()
+        self.files.append((self._path, self._entries))
+        self._f = None
+
+    def close(self) -> list[str]:
+        """Finish the last file and give every file its final name; returns the file names."""
+        if self._f is not None:
+            self._finish()
+        if not self.files:
+            raise ValueError(f"{self.folder}: no tensors were written")
+        n = len(self.files)
+        names = ["model.safetensors"] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+        for (part, _), name in zip(self.files, names):
+            part.replace(self.folder / name)
+        if n > 1:
+            weight_map = {t: name for (_, entries), name in zip(self.files, names) for t in entries}
+            total = sum(e["data_offsets"][1] - e["data_offsets"][0] for _, es in self.files for e in es.values())
+            (self.folder / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        return names

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -170,6 +171,28 @@ def write_weights(sd: dict[str, torch.Tensor], folder: Path, max_shard_bytes: in
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
 
 
+def save_weights(model, folder: Path, max_shard_bytes: int = 2 * 1024**3, drop=()) -> None:
+    """`model`'s weights into `folder`: under ZeRO-3 the files common.loop.full_weights wrote bucket by bucket
+    (`model.staged_weights`), hard-linked in; otherwise its state_dict without the keys in `drop` (write_weights).
+    ZeRO-3 shards outside full_weights are refused, never written as empty tensors."""
+    staged = getattr(model, "staged_weights", None)
+    if staged is not None:
+        for f in sorted(Path(staged).iterdir()):
+            try:
+                os.link(f, folder / f.name)  # the same file system: no copy, and the staging folder can go
+            except OSError:
+                shutil.copyfile(f, folder / f.name)
+        return
+    shards = [n for n, p in model.named_parameters() if p.numel() != getattr(p, "ds_numel", p.numel())]
+    if shards:
+        raise RuntimeError(f"{shards[0]} and {len(shards) - 1} more weights are DeepSpeed ZeRO-3 shards: save the "
+                           "model inside common.loop.full_weights, which gathers them")
+    sd = model.state_dict()
+    for k in drop:
+        sd.pop(k, None)
+    write_weights(sd, folder, max_shard_bytes)
+
+
 def save_causal_lm(model: QwenForCausalLM, path, tokenizer=None, max_shard_bytes: int = 2 * 1024**3):
     """Save as a Hugging Face Qwen2ForCausalLM / Qwen3ForCausalLM folder. With tied embeddings `lm_head.weight` is left
     out, as transformers does (the rollout weight sync sends it explicitly; see rollout/). generation_config.json is
@@ -179,11 +202,8 @@ def save_causal_lm(model: QwenForCausalLM, path, tokenizer=None, max_shard_bytes
     from data.tokenizer import save_tokenizer
 
     with atomic_dir(path) as tmp:  # a half-written folder never replaces the old one
-        sd = model.state_dict()
-        if model.config.tie_word_embeddings:
-            sd.pop("lm_head.weight")
         dtype = next(model.parameters()).dtype
-        write_weights(sd, tmp, max_shard_bytes)
+        save_weights(model, tmp, max_shard_bytes, drop=("lm_head.weight",) if model.config.tie_word_embeddings else ())
         (tmp / "config.json").write_text(json.dumps(config_to_hf(model.config, dtype), indent=2))
         write_generation_config(model, tmp)
         if tokenizer is not None:

@@ -22,7 +22,7 @@ from torch import nn
 
 from common.atomic import atomic_dir
 from common.config import ConfigError
-from model.checkpoint import check_keys, config_to_hf, read_config, read_state_dict, write_weights
+from model.checkpoint import check_keys, config_to_hf, read_config, read_state_dict, save_weights
 from model.qwen import MODEL_TYPES, QwenConfig, QwenModel
 
 
@@ -43,6 +43,8 @@ def resized_embedding(old: nn.Embedding, n: int) -> nn.Embedding:
 
 
 class ScalarHeadModel(nn.Module):
+    streams_weights = True  # saved by model.checkpoint.save_weights: ZeRO-3 streams it (common.loop.full_weights)
+
     def __init__(self, cfg: QwenConfig):
         super().__init__()
         self.config = cfg
@@ -92,7 +94,7 @@ class ScalarHeadModel(nn.Module):
         (e.g. the reward normalisation statistics PPO reads)."""
         with atomic_dir(path) as tmp:  # a half-written folder never replaces the old one
             dtype = next(self.parameters()).dtype
-            write_weights(self.state_dict(), tmp)
+            save_weights(self, tmp)  # under ZeRO-3 the files common.loop.full_weights streamed
             hf = config_to_hf(self.config, dtype, "ForSequenceClassification")
             hf.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
             if hf.get("pad_token_id") is None:

@@ -439,6 +439,8 @@ class QwenForCausalLM(nn.Module):
     """Backbone + output layer. `forward` returns logits (B, T, V); training code should instead take hidden
     states from `get_decoder()` and use `model.logprobs.token_logprobs`, which never holds (B, T, V) in fp32."""
 
+    streams_weights = True  # saved by model.checkpoint.save_weights: ZeRO-3 streams it (common.loop.full_weights)
+
     def __init__(self, cfg: QwenConfig):
         super().__init__()
         self.config = cfg

@@ -285,7 +285,7 @@ def finish(c, acc, run, model, tokenizer, eval_pairs, pad_id, reward_id, total, 
     norm_pairs = norm_pairs[:c.norm_max_pairs]
     rc, rr = score_pairs(net, norm_pairs, pad_id, reward_id, c.eval_batch_size, acc.device)
     stats = normalisation_stats(torch.cat([rc, rr])) | {"source": c.norm_files or c.eval_files}
-    with full_weights(acc):  # ZeRO-3: every rank gathers the weights, the main process writes them
+    with full_weights(acc, stage_dir=out):  # ZeRO-3: every rank gathers, bucket by bucket; the main process writes
         if acc.is_main_process:
             with run.writing("the final model"):
                 save_reward_model(net, out / "final", tokenizer, stats)

@@ -7,10 +7,10 @@
 - `run_with_timeout(fn, timeout_s, what)`: a sync that hangs raises `SyncTimeout` instead of blocking the trainer.
 - `verify_greedy(model, prompts, rollout)`: the engine's greedy tokens and log-probs against the policy's own, on one
   teacher-forced forward; raises `GreedyMismatch` naming the first differing prompt and position.
-- `sharded_buckets(model, bucket_bytes)` / `load_buckets(target, model, bucket_bytes)`: the weights of a DeepSpeed
-  ZeRO-3 model (each rank holds a shard of every weight) gathered one size-capped bucket at a time, LoRA merged per
-  layer inside that one gather, never the whole model and never a gather nested in another
-  (docs/PITFALLS.md#lora-in-the-sync).
+- `load_buckets(target, model, bucket_bytes)`: the weights of a DeepSpeed ZeRO-3 model (each rank holds a shard of
+  every weight) copied into a plain model one size-capped bucket at a time (common.gather.sharded_buckets: LoRA merged
+  per layer inside that one gather, never the whole model and never a gather nested in another;
+  docs/PITFALLS.md#lora-in-the-sync).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import time
 
 import torch
 
+from common.gather import DEFAULT_BUCKET_BYTES, hf_name, sharded_buckets, unwrap
 from rollout.base import Rollout
 
 
@@ -37,26 +38,6 @@ class GreedyMismatch(AssertionError):
     """The engine's greedy output differs from the policy's: the engine does not hold the policy's weights."""
 
 
-def unwrap(model):
-    """The module that holds the weights: strips DDP/accelerate (`.module`) and peft (`get_base_model()`) wrappers.
-    peft injects its LoRA layers into the base model in place, so the base model's forward still applies them."""
-    model = getattr(model, "module", model)
-    if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
-        model = model.get_base_model()
-    return model
-
-
-def _hf_name(key: str) -> str | None:
-    """Map a peft-wrapped parameter name to the plain one; None for adapter-only tensors."""
-    if ".lora_" in key or ".original_module." in key:
-        return None
-    key = key.replace(".base_layer.", ".")
-    if ".modules_to_save." in key:  # "lm_head.modules_to_save.default.weight" -> "lm_head.weight"
-        head, tail = key.split(".modules_to_save.", 1)
-        key = head + "." + tail.split(".", 1)[1]
-    return key
-
-
 def full_state_dict(model, clone: bool = False) -> dict[str, torch.Tensor]:
     """Every weight vLLM's Qwen2 / Qwen3 loader knows (Qwen3: q_norm / k_norm too), detached, `lm_head.weight`
     included even when tied (docs/PITFALLS.md#tied-output-layer).
@@ -68,7 +49,7 @@ def full_state_dict(model, clone: bool = False) -> dict[str, torch.Tensor]:
     base = unwrap(model)
     sd = {}
     for k, v in base.state_dict().items():
-        name = _hf_name(k)
+        name = hf_name(k)
         if name is not None:
             sd[name] = v.detach().clone() if clone else v.detach()
     if "lm_head.weight" not in sd:
@@ -192,108 +173,6 @@ def verify_greedy(model, prompts: list[list[int]], rollout: Rollout, atol: float
                     f"{lp_tok[j].item():.5f} (|diff| {diff:.2e} > atol {atol:g})")
             max_diff, compared = max(max_diff, diff), compared + 1
     return {"tokens_compared": compared, "max_abs_logprob_diff": max_diff, "ties": ties, "atol": atol}
-
-
-# ---------------------------------------------------------------------------------------------- sharded weights
-DEFAULT_BUCKET_BYTES = 256 * 2**20  # gathered at once during a sync (plus at most one layer more)
-
-
-def is_sharded(model) -> bool:
-    """True for a model whose weights DeepSpeed ZeRO-3 has partitioned (each rank holds a shard)."""
-    return any(hasattr(p, "ds_id") for p in unwrap(model).parameters())
-
-
-def _full_bytes(p: torch.Tensor) -> int:
-    """Bytes of the whole weight (a ZeRO-3 parameter's own data is only this rank's shard)."""
-    return getattr(p, "ds_numel", p.numel()) * p.element_size()
-
-
-def _is_lora_layer(module) -> bool:
-    return hasattr(module, "base_layer") and hasattr(module, "get_delta_weight") and hasattr(module, "lora_A")
-
-
-def _sync_units(base) -> list[tuple[list[torch.nn.Parameter], object]]:
-    """The model as units gathered whole: a LoRA layer (base weight, bias and adapter together, so the merge happens
-    inside one gather) or one module's own weights. Each unit: (params, produce) where produce() -> {HF name:
-    tensor} reads the gathered params (every alias of a tied weight named, e.g. lm_head.weight)."""
-    names: dict[int, list[str]] = {}
-    for n, p in base.named_parameters(remove_duplicate=False):
-        names.setdefault(id(p), []).append(n)
-    units, seen, lora_prefixes = [], set(), []
-    for mname, mod in base.named_modules():
-        if any(mname.startswith(prefix + ".") for prefix in lora_prefixes):
-            continue  # inside a LoRA layer: gathered with it
-        if _is_lora_layer(mod):
-            lora_prefixes.append(mname)
-            params = [p for p in mod.parameters() if id(p) not in seen]
-            seen.update(id(p) for p in params)
-
-            def produce(mod=mod, mname=mname):
-                w = mod.base_layer.weight
-                delta = sum((mod.get_delta_weight(a) for a in mod.active_adapters if a in mod.lora_A),
-                            torch.zeros_like(w))
-                out = {f"{mname}.weight": (w + delta.to(w.dtype)).detach()}  # merged, the shard never touched
-                if getattr(mod.base_layer, "bias", None) is not None:
-                    out[f"{mname}.bias"] = mod.base_layer.bias.detach()
-                return out
-            units.append((params, produce))
-            continue
-        own = [p for p in mod.parameters(recurse=False) if id(p) not in seen]
-        if not own:
-            continue
-        seen.update(id(p) for p in own)
-
-        def produce(own=own):
-            out = {}
-            for p in own:
-                for n in names[id(p)]:
-                    hf = _hf_name(n)
-                    if hf is not None:
-                        out[hf] = p.detach()
-            return out
-        units.append((own, produce))
-    return units
-
-
-def sharded_buckets(model, bucket_bytes: int = DEFAULT_BUCKET_BYTES, stats: dict | None = None):
-    """Yield the policy's weights as {HF name: tensor} dicts, one size-capped bucket at a time: the units
-    (_sync_units) of a bucket are gathered by ONE `deepspeed.zero.GatheredParameters` (never nested: a nested gather
-    re-partitions early, docs/PITFALLS.md#lora-in-the-sync) and released when the consumer asks for the next bucket,
-    so at most bucket_bytes + one unit are gathered at once. The yielded tensors are valid only until then: copy
-    them. A model that is not ZeRO-3 partitioned passes through the same path (nothing to gather). A collective
-    under ZeRO-3: every rank iterates to the end.
-
-    stats (optional dict) gets: buckets, peak_gathered_bytes (measured inside each gather: the whole size of every
-    non-persistent weight currently gathered, anywhere in the model), largest_unit_bytes, bucket_bytes."""
-    import deepspeed
-
-    base = unwrap(model)
-    units = _sync_units(base)
-    every = [p for p in base.parameters() if hasattr(p, "ds_id") and not getattr(p, "ds_persist", False)]
-    buckets, cur, size = [], [], 0
-    for params, produce in units:
-        b = sum(_full_bytes(p) for p in params)
-        if cur and size + b > bucket_bytes:
-            buckets.append(cur)
-            cur, size = [], 0
-        cur.append((params, produce))
-        size += b
-    if cur:
-        buckets.append(cur)
-    peak = 0
-    for bucket in buckets:
-        params = [p for ps, _ in bucket for p in ps]
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None), torch.no_grad():
-            from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-
-            peak = max(peak, sum(_full_bytes(p) for p in every if p.ds_status == ZeroParamStatus.AVAILABLE))
-            out = {}
-            for _, produce in bucket:
-                out.update(produce())
-            yield out
-    if stats is not None:
-        stats.update(buckets=len(buckets), peak_gathered_bytes=peak, bucket_bytes=bucket_bytes,
-                     largest_unit_bytes=max((sum(_full_bytes(p) for p in ps) for ps, _ in units), default=0))
 
 
 @torch.no_grad()

@@ -32,10 +32,10 @@ from pathlib import Path
 
 import torch
 
+from common.gather import DEFAULT_BUCKET_BYTES, is_sharded, sharded_buckets, unwrap
 from model.checkpoint import read_config
 from rollout.base import LENGTH, STOP, Rollout, SamplingParams, check_prompts
-from rollout.sync import (DEFAULT_BUCKET_BYTES, SyncTimeout, full_state_dict, is_sharded, merged_lora, run_with_timeout,
-                          sharded_buckets, unwrap, verify_greedy)
+from rollout.sync import SyncTimeout, full_state_dict, merged_lora, run_with_timeout, verify_greedy
 
 log = logging.getLogger(__name__)
 

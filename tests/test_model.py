@@ -414,6 +414,41 @@ def test_save_loads_in_transformers(tmp_path):
     assert again.lm_head.weight is again.model.embed_tokens.weight
 
 
+def test_streamed_weights_save_like_the_state_dict_and_load_in_transformers(tmp_path):
+    """The ZeRO-3 save path without DeepSpeed: the weights written one tensor at a time by StreamedSafetensors
+    (several files: header space reserved, index written at the end) into the staging folder that
+    common.loop.full_weights makes; save_causal_lm links them in. Same tensors as the plain save, bit for bit, and
+    transformers loads the folder. A model whose weights are still ZeRO-3 shards is refused, never saved empty."""
+    from common.safestate import StreamedSafetensors
+    from model.checkpoint import read_state_dict
+
+    cfg = QwenConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    ours = QwenForCausalLM(cfg).init_weights(seed=1).eval()
+    save_causal_lm(ours, tmp_path / "plain")
+    stage = tmp_path / ".weights-x"
+    stage.mkdir()
+    names = [n for n, _ in ours.named_parameters(remove_duplicate=False)]
+    writer = StreamedSafetensors(stage, StreamedSafetensors.header_bound(names), max_shard_bytes=40_000)
+    for n, p in ours.named_parameters(remove_duplicate=False):
+        if n != "lm_head.weight":  # tied: left out, as transformers saves it
+            writer.add(n, p)
+    assert len(writer.close()) > 3
+    ours.staged_weights = stage
+    save_causal_lm(ours, tmp_path / "out")
+    a, b = read_state_dict(tmp_path / "plain"), read_state_dict(tmp_path / "out")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    hf = Qwen2ForCausalLM.from_pretrained(tmp_path / "out").eval()
+    ids = torch.randint(0, 300, (2, 10))
+    ref, bound = Reference64(ours)(ids)
+    assert_within(logits(hf, ids), ref, bound, "transformers")
+    ours.staged_weights = None
+    ours.model.layers[1].mlp.up_proj.weight.ds_numel = 128 * 64 * 2  # what a ZeRO-3 shard carries: the whole size
+    with pytest.raises(RuntimeError, match=r"model.layers.1.mlp.up_proj.weight and 0 more .*ZeRO-3 shards"):
+        save_causal_lm(ours, tmp_path / "shard")
+    assert not (tmp_path / "shard").exists()
+
+
 def test_missing_and_unexpected_weights_are_named(tmp_path):
     from safetensors.torch import load_file, save_file
     hf_model().save_pretrained(tmp_path / "m")

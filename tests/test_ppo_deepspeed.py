@@ -158,7 +158,9 @@ def test_sync_from_zero3_shards_gathers_one_bucket_at_a_time(world, tmp_path, en
     bucket: the peak of gathered bytes, measured inside every gather over the whole model, stays below the bucket
     plus the largest layer (and far below the whole model); the copy equals the gathered weights (LoRA: merged per
     layer, compared with W + B A alpha / r on the full weights). vllm: a vLLM engine started from another seed's
-    weights is streamed the same buckets (the peak measured in its own sync) and then passes the greedy check."""
+    weights is streamed the same buckets (the peak measured in its own sync) and then passes the greedy check.
+    The final export the trainers write under ZeRO-3 (common.loop.full_weights with a staging folder) gathers the
+    same way, and its saved weights equal the consolidated ones."""
     report, bucket = tmp_path / "report.json", 64 * 1024
     subprocess.run([*accelerate_launch("zero3", tmp_path), str(REPO / "tests" / "zero3_sync_worker.py"),
                     str(world / "policy"), str(report), str(lora_r), str(bucket), engine],
@@ -172,6 +174,11 @@ def test_sync_from_zero3_shards_gathers_one_bucket_at_a_time(world, tmp_path, en
     assert r["peak_gathered_bytes"] < r["whole_model_bytes"] / 2
     assert r["max_abs_diff"] == 0.0 if not lora_r else r["max_abs_diff"] < 1e-6  # a copy; LoRA: fp32 matmul order
     assert r["compared"] == r["copy_tensors"]  # every weight of the copy compared
+    saved = r["saved"]  # the trainers' final export under ZeRO-3: streamed, one bucket gathered at a time
+    assert saved["keys_equal"]  # every weight, lm_head left out when tied (as transformers saves)
+    assert saved["max_abs_diff"] == 0.0 if not lora_r else saved["max_abs_diff"] < 1e-6
+    assert saved["buckets"] > 3 and 0 < saved["peak_gathered_bytes"] < bucket + r["largest_unit_bytes"]
+    assert "model.safetensors" in saved["files"] and "config.json" in saved["files"] and not saved["staging_left"]
     if engine == "vllm":  # 3 prompts x 6 greedy tokens, each the policy's argmax with its log-prob within 1e-3
         assert r["greedy"]["tokens_compared"] + r["greedy"]["ties"] >= 3, r["greedy"]  # every row checked
         assert r["greedy"]["max_abs_logprob_diff"] < 1e-3

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import torch
 
@@ -49,7 +50,8 @@ def main(model_dir: str, out: str, lora_r: int, bucket_bytes: int, engine_kind: 
         stats, greedy = vllm_sync(acc, engine, policy, model_dir, out, bucket_bytes)
     whole = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in unwrap(policy).parameters())
     zc = engine._config.zero_config  # what DeepSpeed runs with (CPU ranks: common.loop.CPU_ZERO_LIMITS)
-    with full_weights(acc, engine):
+    report = {}
+    with full_weights(acc, engine):  # no staging folder: consolidated on the main process (the reference)
         if acc.is_main_process:
             full = {n: p.detach().clone() for n, p in unwrap(policy).named_parameters()}
             if lora_r:  # the obvious merge on the gathered weights: W + B @ A x alpha / r
@@ -66,9 +68,33 @@ def main(model_dir: str, out: str, lora_r: int, bucket_bytes: int, engine_kind: 
                                       "stage3_max_live_parameters": zc.max_live_parameters,
                                       "stage3_max_reuse_distance": zc.max_reuse_distance,
                                       "stage3_prefetch_bucket_size": zc.prefetch_bucket_size}}
-            with open(out, "w") as f:
-                json.dump(report, f)
+    report["saved"] = saved(acc, engine, policy, full if acc.is_main_process else None, Path(out).parent, bucket_bytes)
+    if acc.is_main_process:
+        with open(out, "w") as f:
+            json.dump(report, f)
     acc.wait_for_everyone()
+
+
+def saved(acc, engine, policy, full: dict, root, bucket_bytes: int) -> dict:
+    """The final export as the trainers write it under ZeRO-3 (common.loop.full_weights with a staging folder:
+    streamed bucket by bucket, LoRA merged per layer), read back and compared with the consolidated weights."""
+    from align.models import save_model
+    from common.loop import STAGED, full_weights
+    from model.checkpoint import read_state_dict
+
+    with full_weights(acc, engine, stage_dir=root, bucket_bytes=bucket_bytes) as stats:
+        if acc.is_main_process:
+            save_model(policy, root / "final", None, merge=True)
+    if not acc.is_main_process:
+        return {}
+    sd = read_state_dict(root / "final")
+    tied = policy.config.tie_word_embeddings if hasattr(policy, "config") else None
+    expect = {n for n in full if not (tied and n == "lm_head.weight")}
+    return {"keys_equal": set(sd) == expect, "n": len(sd), "tied": bool(tied),
+            "max_abs_diff": max(float((sd[n] - full[n]).abs().max()) for n in expect),
+            "peak_gathered_bytes": stats["peak_gathered_bytes"], "buckets": stats["buckets"],
+            "files": sorted(p.name for p in (root / "final").iterdir()),
+            "staging_left": sorted(p.name for p in root.glob(STAGED + "*"))}
 
 
 def vllm_sync(acc, engine, policy, model_dir: str, out: str, bucket_bytes: int):
