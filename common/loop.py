@@ -140,6 +140,7 @@ def deepspeed_engine(accelerator):
 
 
 STAGED = ".weights-"  # common.loop.full_weights' staging folders (prefix), removed at exit or by the next save
+_STAGING: set[Path] = set()  # the staging folders of the full_weights blocks open now (PPO saves two engines at once)
 
 
 @contextlib.contextmanager
@@ -183,9 +184,10 @@ def full_weights(accelerator, engine=None, stage_dir: str | Path | None = None, 
     if main:
         stage_dir = Path(stage_dir)
         stage_dir.mkdir(parents=True, exist_ok=True)
-        for old in stage_dir.glob(STAGED + "*"):  # left by a crash mid-save (the run folder is locked: ours)
+        for old in set(stage_dir.glob(STAGED + "*")) - _STAGING:  # left by a crash mid-save (the run folder is ours)
             shutil.rmtree(old, ignore_errors=True)
         folder = Path(tempfile.mkdtemp(prefix=STAGED, dir=stage_dir))
+        _STAGING.add(folder)
         names = [n for n, _ in target.named_parameters(remove_duplicate=False)]
         writer = StreamedSafetensors(folder, StreamedSafetensors.header_bound(names))
     skip = {"lm_head.weight"} if getattr(getattr(target, "config", None), "tie_word_embeddings", False) else set()
@@ -208,6 +210,7 @@ def full_weights(accelerator, engine=None, stage_dir: str | Path | None = None, 
         target.staged_weights = None
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
+            _STAGING.discard(folder)
 
 
 def _consolidated(accelerator, engine) -> Iterator[dict]:
