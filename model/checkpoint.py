@@ -15,9 +15,10 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from common.atomic import atomic_dir
+from common.safestate import StreamedSafetensors
 from model.qwen import MODEL_TYPES, QwenConfig, QwenForCausalLM
 
 # config.json keys that map onto QwenConfig fields one to one.
@@ -148,27 +149,12 @@ def load_causal_lm(path, dtype: torch.dtype = torch.float32, **overrides) -> Qwe
 
 
 def write_weights(sd: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int = 2 * 1024**3):
-    """Write safetensors, sharded with an index file when larger than max_shard_bytes."""
-    sd = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
-    shards, cur, size = [], {}, 0
+    """Write safetensors, sharded with an index file when larger than max_shard_bytes, one tensor at a time
+    (common.safestate.StreamedSafetensors, the writer ZeRO-3 saves stream through)."""
+    writer = StreamedSafetensors(folder, StreamedSafetensors.header_bound(sd), max_shard_bytes)
     for k, v in sd.items():
-        n = v.numel() * v.element_size()
-        if cur and size + n > max_shard_bytes:
-            shards.append(cur)
-            cur, size = {}, 0
-        cur[k], size = v, size + n
-    shards.append(cur)
-    if len(shards) == 1:
-        save_file(shards[0], str(folder / "model.safetensors"), metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(folder / name), metadata={"format": "pt"})
-        weight_map.update({k: name for k in shard})
-    total = sum(v.numel() * v.element_size() for v in sd.values())
-    (folder / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        writer.add(k, v)
+    writer.close()
 
 
 def save_weights(model, folder: Path, max_shard_bytes: int = 2 * 1024**3, drop=()) -> None:
