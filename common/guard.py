@@ -44,6 +44,16 @@ def optimizer_params(optimizer) -> list[torch.Tensor]:
     return [p for group in optimizer.param_groups for p in group["params"]]
 
 
+def stepped_tensors(optimizer) -> list[torch.Tensor]:
+    """What the last optimizer step may have made non-finite: every parameter, except that a row-sparse one
+    (common.optim.RowSparseAdamW: the reward model's embedding) gives only the rows its last step updated. Its
+    other rows were only scaled by the decay factor 1 - lr wd, which the optimizer records only when |factor| <= 1,
+    so a finite row stays finite. Checkpoints check every tensor whole (RunDir.check_weights(full=True))."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+    rows = getattr(inner, "last_rows", {})
+    return [p.index_select(0, rows[p]) if p in rows else p for p in optimizer_params(optimizer)]
+
+
 def check_finite_weights(step: int, n_bad: int, n_total: int, last_checkpoint: str | Path | None = None) -> None:
     """Raise NonFiniteLossError if `n_bad` weight tensors (counted by nonfinite_tensors, summed over ranks) hold a
     NaN or inf: nothing with such weights is saved or called good."""

@@ -128,6 +128,9 @@ class RowSparseAdamW(torch.optim.AdamW):
             raise ValueError("RowSparseAdamW does not implement amsgrad")
         self.row_sparse = set(row_sparse)
         self._active: dict = {}  # parameter -> (rows,) bool: rows with a nonzero gradient at some step
+        # parameter -> (a,) the rows the last step updated, where every other row was at most decayed by a factor
+        # of magnitude <= 1 (common.guard.stepped_tensors checks only these rows for NaN/inf)
+        self.last_rows: dict = {}
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
@@ -144,6 +147,7 @@ class RowSparseAdamW(torch.optim.AdamW):
     @torch.no_grad()
     def step(self, closure=None):
         held = []  # (group, parameter, sparse grad): kept away from the dense step
+        self.last_rows = {}
         for group in self.param_groups:
             for p in group["params"]:
                 if p in self.row_sparse and p.grad is not None:
@@ -190,6 +194,8 @@ class RowSparseAdamW(torch.optim.AdamW):
         p.index_copy_(0, idx, pa)
         m.index_copy_(0, idx, ma)
         v.index_copy_(0, idx, va)
+        if abs(1 - lr * wd) <= 1:
+            self.last_rows[p] = idx
 
 
 def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:

@@ -50,6 +50,9 @@ RUN_OUTPUTS = (RUN_JSON, CKPT_DIR, "final", "metrics.jsonl", "tb", "config.yaml"
 # class attribute on their config.
 RUN_CONTROL = ("output_dir", "resume", "overwrite_output_dir", "save_every", "keep_last", "stop_at_step",
                "log_every", "report_to")
+# Fields whose None means "pick for me" (the log-prob chunk): resuming with None takes the saved run's value, so a run
+# saved before a default changed (chunk_size 256 -> auto) resumes exactly as it ran instead of being refused.
+AUTO_ON_RESUME = ("chunk_size",)
 
 
 class RunRefused(ConfigError):
@@ -120,6 +123,15 @@ def resume_may_change(c) -> tuple[str, ...]:
     return tuple(getattr(type(c), "RESUME_MAY_CHANGE", RUN_CONTROL))
 
 
+def adopt_saved_autos(saved: dict, c) -> dict[str, Any]:
+    """Set each AUTO_ON_RESUME field of `c` that is None to the saved run's value (if it had one); returns them."""
+    adopted = {k: saved[k] for k in AUTO_ON_RESUME
+               if hasattr(c, k) and getattr(c, k) is None and saved.get(k) is not None}
+    for k, v in adopted.items():
+        setattr(c, k, v)
+    return adopted
+
+
 def config_differences(saved: dict, c) -> list[str]:
     """'field: saved -> now' for every field that changes the result and differs from the saved config. A field
     the saved config lacks (added in a later version) counts only if it is not at its default."""
@@ -175,13 +187,14 @@ class RunDir:
                                  report_to=self.report_to, kind=self.kind, run_id=self.run_id, config=self.config)
         return self.log
 
-    def check_weights(self, acc, step: int, optimizer) -> None:
+    def check_weights(self, acc, step: int, optimizer, full: bool = False) -> None:
         """NaN guard on the optimizer step's result: every rank counts its non-finite weight tensors (under ZeRO its
-        partitions), the counts are summed, and all ranks stop together."""
-        from common.guard import check_finite_weights, nonfinite_tensors, optimizer_params
+        partitions), the counts are summed, and all ranks stop together. After a step it looks at what the step
+        changed (common.guard.stepped_tensors); `full` (before a checkpoint) at every tensor whole."""
+        from common.guard import check_finite_weights, nonfinite_tensors, optimizer_params, stepped_tensors
         from common.loop import sum_over_ranks
 
-        params = optimizer_params(optimizer)
+        params = optimizer_params(optimizer) if full else stepped_tensors(optimizer)
         bad, total = sum_over_ranks(acc, [float(nonfinite_tensors(params)), float(len(params))])
         check_finite_weights(step, int(bad), int(total), self.last_ckpt)
 
@@ -191,7 +204,7 @@ class RunDir:
         finite. A file-system failure becomes RunIOError naming the step and the checkpoint that is intact."""
         from common.loop import save_run_checkpoint
 
-        self.check_weights(acc, step, optimizer)
+        self.check_weights(acc, step, optimizer, full=True)
         rows = self.log.rows if self.log is not None else None
         try:
             path = save_run_checkpoint(acc, self.ckpt_root, step, save_model, optimizer, scheduler, train_state,
@@ -321,6 +334,8 @@ def _decide(out: Path, c, kind: str, say) -> tuple[str, Path | None]:
         if info.get("trainer") != kind:
             raise RunRefused(f"output_dir {out} holds a {info.get('trainer')} run, not a {kind} run; use a new "
                              f"output_dir (or {replace} to delete that run)")
+        for k, v in adopt_saved_autos(info.get("config", {}), c).items():
+            say(f"[run] {k}: the saved run's {v!r} (not set now, so the run resumes as it ran)")
         diffs = config_differences(info.get("config", {}), c)
         if diffs:
             raise RunRefused(f"output_dir {out} holds {_describe_run(info, mine, out)} made with another config: "
@@ -374,7 +389,8 @@ def open_run(acc, c, kind: str) -> RunDir:
         try:
             run_id, resume_dir, lock = _prepare(out, c, kind, lambda s: print(s, flush=True))
             save_config(c, out / "config.yaml")
-            decision = {"run_id": run_id, "resume": None if resume_dir is None else str(resume_dir)}
+            decision = {"run_id": run_id, "resume": None if resume_dir is None else str(resume_dir),
+                        "adopted": {k: getattr(c, k) for k in AUTO_ON_RESUME if hasattr(c, k)}}
         except (RunRefused, RunFinished, RunIOError, UnsafeStateError) as e:
             decision = {"error": type(e).__name__, "message": str(e)}
     if acc.num_processes > 1:
@@ -384,6 +400,8 @@ def open_run(acc, c, kind: str) -> RunDir:
     if "error" in decision:
         raise {"RunRefused": RunRefused, "RunFinished": RunFinished, "RunIOError": RunIOError,
                "UnsafeStateError": UnsafeStateError}[decision["error"]](decision["message"])
+    for k, v in decision["adopted"].items():  # the other ranks take what the main process adopted
+        setattr(c, k, v)
     resume = None if decision["resume"] is None else Path(decision["resume"])
     return RunDir(out, kind, decision["run_id"], resume, acc.is_main_process, lock=lock, last_ckpt=resume,
                   report_to=report_to, config=dataclasses.asdict(c) if dataclasses.is_dataclass(c) else None)

@@ -66,10 +66,12 @@ class ScalarHeadModel(nn.Module):
     def gradient_checkpointing_enable(self, **_):
         self.model.gradient_checkpointing = True
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, positions=None):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, positions=None, branch_ids=None):
         """Values (B, T) at every position, or (B, n) at `positions` (B, n) only: then the backbone's last layer,
-        the final norm and the head run on those n positions alone (QwenModel.forward), the reward model's case."""
-        hidden = self.model(input_ids, attention_mask, position_ids, positions=positions)  # (B, T or n, H)
+        the final norm and the head run on those n positions alone (QwenModel.forward), the reward model's case.
+        branch_ids (B, T): replies that share their prompt in one row (QwenModel.forward, reward.model)."""
+        hidden = self.model(input_ids, attention_mask, position_ids, positions=positions,
+                            branch_ids=branch_ids)  # (B, T or n, H)
         return self.score(hidden).squeeze(-1).float()  # (B, T) or (B, n)
 
     @classmethod

@@ -340,12 +340,16 @@ def is_plain_causal(attention_mask, position_ids, past_len: int, T: int) -> bool
     return past_len > 0 or T < 2 or not bool((position_ids[:, 1:] == 0).any())
 
 
-def build_attention_mask(attention_mask, position_ids, past_len: int, T: int, window: int | None):
+def build_attention_mask(attention_mask, position_ids, past_len: int, T: int, window: int | None,
+                         branch_ids=None):
     """Boolean (B, 1, T, S) mask: True where query t may attend key s.
 
     Allowed: causal (by absolute index in the padded row), key not padding, inside the sliding window if any, and,
-    without a cache, the same packed document (a document starts where position_ids is 0). A query row that would
-    see nothing (a left-pad position) is allowed itself so SDPA returns finite values there; such rows are padding.
+    without a cache, the same packed document (a document starts where position_ids is 0). With branch_ids (B, T)
+    (no cache): a key of branch 0 (a shared prefix) or of the query's own branch; so a row prefix | reply A | reply
+    B with branches 0 | 1 | 2 runs the prefix once and each reply sees the prefix and itself, as two sequences would.
+    A query row that would see nothing (a left-pad position) is allowed itself so SDPA returns finite values there;
+    such rows are padding.
     """
     B, S = attention_mask.shape
     dev = attention_mask.device
@@ -357,6 +361,8 @@ def build_attention_mask(attention_mask, position_ids, past_len: int, T: int, wi
     if past_len == 0:
         doc = torch.cumsum((position_ids == 0).long(), dim=1)  # (B, T) document index per token
         allowed = allowed & (doc[:, :, None] == doc[:, None, :])
+    if branch_ids is not None:
+        allowed = allowed & ((branch_ids[:, None, :] == 0) | (branch_ids[:, None, :] == branch_ids[:, :, None]))
     allowed = allowed | (q_idx == k_idx)[None]
     return allowed[:, None]
 
@@ -372,15 +378,25 @@ class QwenModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.gradient_checkpointing = False
 
+    def shares_prefixes(self) -> bool:
+        """Whether a forward in the current mode (train/eval) can take branch_ids: no sliding window and no dynamic
+        NTK in effect (both depend on a token's index in the row or on the row's length, not on its position)."""
+        extend = not self.training or self.cfg.extend_context_in_training
+        return all(self.cfg.window_for_layer(i, extend) is None for i in range(len(self.layers))) and \
+            not (self.cfg.use_dynamic_ntk and extend)
+
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None,
-                inputs_embeds=None, ntk_lengths: torch.Tensor | None = None, positions: torch.Tensor | None = None):
+                inputs_embeds=None, ntk_lengths: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                branch_ids: torch.Tensor | None = None):
         """Hidden states (B, T, H). attention_mask (B, past + T), position_ids (B, T) (default: counted over the
         real tokens). ntk_lengths (B,): the sequence length that sets each row's dynamic NTK factor, instead of the
         rule (each sequence's own length; with a cache, the factor fixed at prefill).
         positions (B, n) (indices into T): return the final hidden states there only, (B, n, H). The last layer
         then computes queries, attention output and MLP at those n positions instead of all T (its keys and values
         still come from every token), and the final norm runs on n rows: a reward model reads one position per
-        sequence, so most of the last layer's work and activations go. Values equal the full forward's there."""
+        sequence, so most of the last layer's work and activations go. Values equal the full forward's there.
+        branch_ids (B, T): several continuations of one prefix in a row (build_attention_mask); position_ids must
+        then be given (each continuation counts on from the prefix). Needs shares_prefixes() and no cache."""
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, H)
         B, T = x.shape[:2]
         past = 0 if cache is None else cache.length
@@ -400,7 +416,10 @@ class QwenModel(nn.Module):
         if positions is not None and cache is not None:
             raise ValueError("positions (final hidden states at some positions only) cannot be used with a KV cache")
         # no padding, packing or window: no mask at all, SDPA runs causal (None below) - faster, no (B, T, S) mask
-        plain = is_plain_causal(attention_mask, position_ids, past, T)
+        if branch_ids is not None and (cache is not None or not self.shares_prefixes()):
+            raise ValueError("branch_ids (continuations of a shared prefix in one row) cannot be used with a KV cache, "
+                             "a sliding window or dynamic NTK")
+        plain = branch_ids is None and is_plain_causal(attention_mask, position_ids, past, T)
         masks = {}
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
@@ -409,7 +428,7 @@ class QwenModel(nn.Module):
                 w = None  # a window longer than the row cuts nothing
             if w not in masks:
                 masks[w] = None if plain and w is None else build_attention_mask(attention_mask, position_ids, past,
-                                                                                  T, w)
+                                                                                  T, w, branch_ids)
             rows = positions if i == last else None
             if self.gradient_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, masks[w], logn, cache, rows,

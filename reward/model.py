@@ -110,6 +110,64 @@ def pair_batch(examples: list[dict], pad_id: int, side: str = "right") -> tuple[
     return pad_sequences(seqs, pad_id, side)
 
 
+def shared_prompt_batch(examples: list[dict], pad_id: int, reward_id: int) -> dict[str, torch.Tensor]:
+    """One row per pair, prompt | chosen reply | rejected reply, right-padded, so the prompt runs once.
+
+    Both replies count their positions on from the prompt's (P, P+1, ...) and branch_ids 0 | 1 | 2 let each reply
+    attend to the prompt and to itself only (model.qwen.build_attention_mask): the values at the two <|reward|>
+    tokens are those of the sequences prompt + chosen and prompt + rejected. Returns input_ids, attention_mask,
+    position_ids, branch_ids (B, T) and positions (B, 2): the chosen and the rejected <|reward|> index."""
+    rows, pos, branch, at = [], [], [], []
+    for i, e in enumerate(examples):
+        P = len(e["prompt_ids"])
+        where = []
+        for part, offset in ((e["chosen_ids"], P), (e["rejected_ids"], P + len(e["chosen_ids"]))):
+            hits = [j for j, t in enumerate(part) if t == reward_id]
+            if len(hits) != 1:
+                raise ValueError(f"pair {i} of the batch has a reply with {len(hits)} {REWARD_TOKEN} tokens (id "
+                                 f"{reward_id}), needs exactly 1: build reward examples with "
+                                 f"build_preference_examples(..., reward_token=True)")
+            where.append(offset + hits[0])
+        C, R = len(e["chosen_ids"]), len(e["rejected_ids"])
+        rows.append(e["prompt_ids"] + e["chosen_ids"] + e["rejected_ids"])
+        pos.append(list(range(P + C)) + list(range(P, P + R)))
+        branch.append([0] * P + [1] * C + [2] * R)
+        at.append(where)
+    ids, mask = pad_sequences(rows, pad_id)
+    T = ids.shape[1]
+    pad = [T - len(r) for r in rows]
+    return {"input_ids": ids, "attention_mask": mask,
+            "position_ids": torch.tensor([p + [0] * n for p, n in zip(pos, pad)], dtype=torch.long),
+            "branch_ids": torch.tensor([b + [0] * n for b, n in zip(branch, pad)], dtype=torch.long),
+            "positions": torch.tensor(at, dtype=torch.long)}
+
+
+def shares_prompts(model) -> bool:
+    """Whether `model` (possibly wrapped by DDP or DeepSpeed) can score a pair as one shared-prompt row: this
+    package's ScalarHeadModel in a mode without sliding windows or dynamic NTK (QwenModel.shares_prefixes)."""
+    from model.heads import ScalarHeadModel
+
+    net = getattr(model, "module", model)
+    return isinstance(net, ScalarHeadModel) and net.model.shares_prefixes()
+
+
+def pair_scores(model, examples: list[dict], pad_id: int, reward_id: int,
+                device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Scores (b,), (b,) of the chosen and rejected replies of `examples` in one forward, and the tokens of the
+    2b scored sequences (the prompt counted twice, as padded rows would hold it). Our model takes one row per pair
+    (shared_prompt_batch: the prompt runs once, no padding between chosen and rejected); transformers' models
+    (model_impl hf) take 2b padded rows."""
+    b = len(examples)
+    tokens = sum(2 * len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in examples)
+    if shares_prompts(model):
+        batch = {k: v.to(device) for k, v in shared_prompt_batch(examples, pad_id, reward_id).items()}
+        values = model(**batch)  # (b, 2)
+        return values[:, 0], values[:, 1], tokens
+    ids, mask = pair_batch(examples, pad_id)
+    r = score(model, ids.to(device), mask.to(device), reward_id)  # (2b,)
+    return r[:b], r[b:], tokens
+
+
 def score_pairs(model, examples: list[dict], pad_id: int, reward_id: int, batch_size: int = 8,
                 device: str | torch.device = "cpu", desc: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores (N,), (N,) of chosen and rejected for every example, without gradients, with a progress bar."""
@@ -119,11 +177,9 @@ def score_pairs(model, examples: list[dict], pad_id: int, reward_id: int, batch_
     with torch.no_grad():
         for s in tqdm(range(0, len(examples), batch_size), desc=desc or "scoring", disable=desc is None,
                       leave=False, dynamic_ncols=True):
-            part = examples[s:s + batch_size]
-            ids, mask = pair_batch(part, pad_id)
-            r = score(model, ids.to(device), mask.to(device), reward_id).float().cpu()  # (2b,)
-            chosen.append(r[:len(part)])
-            rejected.append(r[len(part):])
+            rc, rr, _ = pair_scores(model, examples[s:s + batch_size], pad_id, reward_id, device)
+            chosen.append(rc.float().cpu())
+            rejected.append(rr.float().cpu())
     return torch.cat(chosen), torch.cat(rejected)
 
 

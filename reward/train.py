@@ -31,7 +31,7 @@ from common.run import RUN_CONTROL, run_main
 from reward.losses import pairwise_loss
 from data.template import load_chat_tokenizer
 from reward.model import (STATS_FILE, add_reward_token, fit_embeddings, load_reward_model, normalisation_stats,
-                          pair_batch, reward_token_id, score, score_pairs)
+                          pair_scores, reward_token_id, score_pairs)
 
 
 @dataclass
@@ -230,17 +230,16 @@ def train(c: RewardConfig) -> list[float]:
         idx = mini_batch_rows(step, len(pairs), mini, c.seed)
         sums = torch.zeros(4, dtype=torch.float64)  # loss, correct, margin sums over this rank's pairs; tokens
         for micro in rank_micro_batches(idx, c.micro_batch_size_per_rank, c.grad_accum_steps, W, rank):
-            ids, mask = pair_batch([pairs[i] for i in micro], pad_id)
-            ids, mask, b = ids.to(acc.device), mask.to(acc.device), len(micro)
+            b = len(micro)
             with acc.accumulate(model):
-                with acc.autocast():
-                    r = score(model, ids, mask, reward_id)  # (2b,) chosen then rejected
-                loss, stats = pairwise_loss(r[:b], r[b:], c.margin or None)
+                with acc.autocast():  # (b,) each; our model runs each pair's prompt once (reward.model)
+                    rc, rr, tokens = pair_scores(model, [pairs[i] for i in micro], pad_id, reward_id, acc.device)
+                loss, stats = pairwise_loss(rc, rr, c.margin or None)
                 # every micro batch has b pairs, so accelerate's /accum and DDP's mean over ranks give the
                 # mean over the global mini batch.
                 acc.backward(loss)
             sums += torch.tensor([loss.item() * b, stats["accuracy"].item() * b, stats["margin"].item() * b,
-                                  float(mask.sum())], dtype=torch.float64)
+                                  float(tokens)], dtype=torch.float64)
         sums = acc.reduce(sums.to(acc.device), "sum").cpu()
         loss_val, acc_val, margin_val = (sums[:3] / mini).tolist()
 

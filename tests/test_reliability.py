@@ -269,6 +269,23 @@ def test_resume_checks_the_config_and_a_finished_run_says_so(world, tmp_path, ca
     assert e.value.code == 2 and err.count("\n") == 1 and "max_steps: 6 -> 8" in err
 
 
+def test_resume_without_chunk_size_takes_the_saved_one(world, tmp_path, capsys):
+    """chunk_size None means "pick for me": resuming a run saved with an explicit chunk (as every run was before the
+    default became auto) takes the saved value, says so, and ends equal to an uninterrupted run with that chunk; an
+    explicit other chunk is still refused."""
+    out = tmp_path / "run"
+    sft.train(sft_config(world, out, chunk_size=64, stop_at_step=2))
+    with pytest.raises(RunRefused, match="another config: chunk_size: 64 -> 128"):
+        sft.train(sft_config(world, out, chunk_size=128))
+    capsys.readouterr()
+    rest = sft.train(sft_config(world, out))
+    assert "[run] chunk_size: the saved run's 64 (not set now" in capsys.readouterr().out
+    assert "chunk_size: 64" in (out / "config.yaml").read_text()
+    full = sft.train(sft_config(world, tmp_path / "full", chunk_size=64))
+    assert [r["loss"] for r in read_jsonl(out / "metrics.jsonl")] == full and rest == full[2:]
+    assert same_weights(out / "final", tmp_path / "full" / "final")
+
+
 def test_output_dir_that_is_a_file_is_one_line(world, tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     with pytest.raises(SystemExit) as e:

@@ -121,6 +121,80 @@ def test_scores_do_not_depend_on_batch_padding_side_or_length(lm_dir):
         assert_within(score(model, ids, mask, rid)[:1], ref[:1], bound[:1], "tokens after <|reward|>")
 
 
+@pytest.mark.numerics
+def test_shared_prompt_row_scores_and_gradients_equal_two_padded_sequences(lm_dir):
+    """reward.model.shared_prompt_batch: one row per pair (prompt once, then both replies, each seeing the prompt and
+    itself) gives each reply the score of prompt + reply scored alone, within the fp32 bound of the float64 one, in
+    training and eval mode; in float64 its loss gradient equals the padded 2b-row batch's to float64 rounding. A
+    layout that let a reply see the other, or counted its positions on from the other, fails both."""
+    from numerics import U32, gamma
+
+    from reward.model import pair_batch, pair_scores, shared_prompt_batch, shares_prompts
+
+    tok = load_tokenizer("small")
+    rid, pad = reward_token_id(tok), tok.pad_token_id
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    pairs = [{"prompt_ids": enc("Repeat: egg fish grape"), "chosen_ids": enc("egg fish grape") + [rid],
+              "rejected_ids": enc("dog no") + [rid]},
+             {"prompt_ids": enc("Repeat: a much longer request with many words " * 2), "chosen_ids": enc("x") + [rid],
+              "rejected_ids": enc("a reply that is longer than the chosen one") + [rid]},
+             {"prompt_ids": enc("Hi"), "chosen_ids": enc("hello there") + [rid], "rejected_ids": enc("bye") + [rid]}]
+    batch = shared_prompt_batch(pairs, pad, rid)
+    P, C = len(pairs[0]["prompt_ids"]), len(pairs[0]["chosen_ids"])
+    assert batch["position_ids"][0, P + C].item() == P and batch["branch_ids"][0, P + C].item() == 2
+    assert batch["positions"][0].tolist() == [P + C - 1, P + C + len(pairs[0]["rejected_ids"]) - 1]
+    model = load_reward_model(str(lm_dir))
+    m64 = copy.deepcopy(model).double()
+    key_len = batch["input_ids"].shape[1]
+    with torch.no_grad():
+        ref, bound = [], []
+        for e in pairs:
+            for reply in (e["chosen_ids"], e["rejected_ids"]):
+                h = m64.model(torch.tensor([e["prompt_ids"] + reply]))[0, -1:]  # (1, H) at <|reward|>, alone
+                ref.append(m64.score(h)[0, 0])
+                bound.append(logits_bound(model.config, key_len, h, m64.score.weight)[0, 0])
+    ref, bound = torch.stack(ref).view(-1, 2), torch.stack(bound).view(-1, 2)
+    for mode in ("train", "eval"):
+        getattr(model, mode)()
+        assert shares_prompts(model)
+        with torch.no_grad():
+            rc, rr, tokens = pair_scores(model, pairs, pad, rid)
+        assert_within(torch.stack([rc, rr], 1), ref, bound, f"shared-prompt scores ({mode})")
+    assert tokens == int(pair_batch(pairs, pad)[1].sum())  # the tokens of the 2b sequences, as padded rows count
+
+    def grads(layout):
+        m64.zero_grad(set_to_none=True)
+        if layout == "shared":
+            rc, rr, _ = pair_scores(m64, pairs, pad, rid)
+        else:
+            ids, mask = pair_batch(pairs, pad)
+            r = score(m64, ids, mask, rid)
+            rc, rr = r[:3], r[3:]
+        pairwise_loss(rc, rr)[0].backward()
+        return {n: p.grad.clone() for n, p in m64.named_parameters() if p.grad is not None}
+
+    m64.train()
+    shared, padded = grads("shared"), grads("padded")
+    assert sorted(shared) == sorted(padded)
+    for n in padded:  # two float64 evaluations of the same sums in other orders: within float64 rounding
+        scale = padded[n].abs().max().double()
+        assert_within(shared[n], padded[n], 1e3 * gamma(key_len + 4 * TINY["hidden_size"], U32 * 2.0 ** -29) * scale
+                      + 1e-300, n)
+
+
+def test_shared_prompt_layout_is_refused_where_positions_are_not_enough(lm_dir):
+    """A sliding window (or dynamic NTK in effect) depends on a token's index in the row or on the row's length: such
+    a model scores padded rows (pair_scores falls back) and refuses branch_ids outright."""
+    from reward.model import shares_prompts
+
+    model = load_reward_model(str(lm_dir)).train()
+    assert shares_prompts(model)
+    model.config.use_sliding_window, model.config.sliding_window, model.config.max_window_layers = True, 4, 0
+    assert not shares_prompts(model)
+    with pytest.raises(ValueError, match="cannot be used with a KV cache, a sliding window or dynamic NTK"):
+        model(torch.tensor([[5, 6, 7]]), branch_ids=torch.tensor([[0, 1, 2]]), position_ids=torch.tensor([[0, 1, 1]]))
+
+
 def test_sequence_without_reward_token_cannot_be_scored():
     ids = torch.tensor([[5, 6, 999, 996], [5, 6, 7, 996]])
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 0]])

@@ -132,3 +132,30 @@ def test_moments_of_untouched_rows_take_no_memory(tmp_path):
     save_state(tmp_path, opt2.state_dict())  # the checkpoint writer takes the mapped moments as they are
     back = load_state(tmp_path)["state"][0]
     assert all(torch.equal(back[k], opt.state[emb.weight][k]) for k in ("exp_avg", "exp_avg_sq", "step"))
+
+
+def test_nan_guard_after_a_row_sparse_step_looks_at_the_stepped_rows():
+    """After a row-sparse step the per-step NaN guard (common.guard.stepped_tensors) reads only the rows that step
+    updated (every row that ever had a gradient) plus the dense parameters whole; the other rows were only scaled by
+    1 - lr wd. A NaN in a stepped row is found; one in a row no step touched is left to the full check before a
+    checkpoint. With |1 - lr wd| > 1 (a decay that could overflow) the whole embedding is checked."""
+    from common.guard import nonfinite_tensors, optimizer_params, stepped_tensors
+
+    model, opt, _ = run(True, clip=1e9)
+    emb, head = model[0].weight, model[1]
+    touched = sorted({i for step in BATCHES for ids in step for i in ids})
+    assert opt.last_rows[emb].tolist() == touched
+    stepped = stepped_tensors(opt)
+    assert [t.shape for t in stepped] == [(len(touched), 32), head.weight.shape, head.bias.shape]
+    assert torch.equal(stepped[0], emb.detach()[touched])
+    with torch.no_grad():
+        emb[touched[3], 5] = float("nan")
+        assert nonfinite_tensors(stepped_tensors(opt)) == 1
+        emb[touched[3], 5] = 0.0
+        emb[49, 0] = float("inf")  # row 49: no gradient at any step
+        assert nonfinite_tensors(stepped_tensors(opt)) == 0 and nonfinite_tensors(optimizer_params(opt)) == 1
+    for g in opt.param_groups:
+        g["lr"] = 30.0  # lr wd = 3: the decay multiplies by -2
+    model(torch.tensor([[1, 2]])).sum().backward()
+    opt.step()
+    assert opt.last_rows == {} and [t.shape for t in stepped_tensors(opt)][0] == emb.shape
