@@ -51,6 +51,21 @@ def build_adamw(model: torch.nn.Module, lr: float, betas: tuple[float, float], e
     return RowSparseAdamW(groups, [sparse_embedding.weight], lr=lr, betas=betas, eps=eps)
 
 
+def sparse_embedding_for(model: torch.nn.Module, enabled: bool, deepspeed: bool) -> torch.nn.Embedding | None:
+    """The input embedding to train with row-sparse gradients (build_adamw's `sparse_embedding`), or None: only when
+    enabled, outside DeepSpeed (its engine owns the gradients), trainable (not frozen, as under LoRA) and not tied
+    to the output layer (whose gradient is dense: Qwen2.5 up to 3B ties, 7B and up do not)."""
+    if not enabled or deepspeed:
+        return None
+    emb = model.get_input_embeddings()
+    if not isinstance(emb, torch.nn.Embedding) or not emb.weight.requires_grad:
+        return None
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if out is not None and getattr(out, "weight", None) is emb.weight:
+        return None
+    return emb
+
+
 class SparseEmbeddingGrad:
     """Exact, faster embedding gradients for models that only look the embedding up (reward and value models).
 

@@ -157,7 +157,7 @@ def train(c: RewardConfig) -> list[float]:
     from common.guard import check_finite
     from common.loop import (batch_words, begin_run, check_warmup, mini_batch_rows, rank_micro_batches,
                              restore_run_state, steps_per_epoch, unwrap_model)
-    from common.optim import build_adamw, clip_grad_norm_, constant_with_warmup
+    from common.optim import build_adamw, clip_grad_norm_, constant_with_warmup, sparse_embedding_for
     from common.preflight import check_vocab
 
     # 0. checks that need no model (paths, data files): seconds
@@ -190,10 +190,10 @@ def train(c: RewardConfig) -> list[float]:
     if c.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.train()
-    use_sparse = c.sparse_embedding_grad and acc.distributed_type.value != "DEEPSPEED"
     # sparse embedding rows: the optimizer and the clip touch only the rows that move (common.optim.RowSparseAdamW)
-    optimizer = build_adamw(model, c.lr, c.betas, c.eps, c.weight_decay,
-                            sparse_embedding=model.get_input_embeddings() if use_sparse else None)
+    sparse = sparse_embedding_for(model, c.sparse_embedding_grad, acc.distributed_type.value == "DEEPSPEED")
+    use_sparse = sparse is not None
+    optimizer = build_adamw(model, c.lr, c.betas, c.eps, c.weight_decay, sparse_embedding=sparse)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: constant_with_warmup(s, c.warmup_steps))
     model, optimizer = acc.prepare(model, optimizer)
 

@@ -111,6 +111,35 @@ def test_resume_gives_the_same_losses(files, tmp_path):
     assert hf.config.vocab_size == 1000
 
 
+def test_untied_embedding_steps_row_sparse_like_dense_adamw_and_resumes(files, tmp_path, capsys):
+    """An untied input embedding (Qwen2.5 7B and up) trains with row-sparse gradients by default: the same fused
+    AdamW on the same numbers except that a row's gradient sums its tokens in another order (the dense embedding
+    backward vs the sparse coalesce), and with clipping the norm too. So the final weights stay within that rounding
+    carried through AdamW, as tests/test_sparse_adamw.py bounds it: per step lr x 2 (gamma(tokens) + gamma(params))
+    plus the update's own rounding. Resume is exact, and a tied embedding stays dense."""
+    from numerics import U32
+    from safetensors.torch import load_file
+
+    (files / "untied.json").write_text(json.dumps(TINY | {"tie_word_embeddings": False}))
+    untied = dict(init_config=str(files / "untied.json"), max_steps=4, grad_clip=0.1)
+    capsys.readouterr()
+    sparse = sft.train(make_config(files, tmp_path / "sparse", **untied))
+    assert "embedding row-sparse AdamW (untied)" in capsys.readouterr().out
+    dense = sft.train(make_config(files, tmp_path / "dense", sparse_embedding_grad=False, **untied))
+    assert "embedding dense AdamW" in capsys.readouterr().out
+    assert sparse[0] == dense[0]
+    a, b = (load_file(tmp_path / n / "final" / "model.safetensors") for n in ("sparse", "dense"))
+    assert sorted(a) == sorted(b) and not torch.equal(a["model.embed_tokens.weight"], a["lm_head.weight"])
+    n_params, n_tokens, lr, steps = sum(t.numel() for t in b.values()), 2 * 2 * 128, 1e-3, 4
+    for k in b:
+        bound = steps * (lr * 2 * (gamma(n_tokens) + gamma(n_params)) + 8 * U32 * (b[k].abs().double() + lr))
+        assert_within(a[k], b[k].double(), bound, k)
+    first = sft.train(make_config(files, tmp_path / "cut", stop_at_step=2, **untied))
+    assert first + sft.train(make_config(files, tmp_path / "cut", **untied)) == sparse
+    sft.train(make_config(files, tmp_path / "tied", max_steps=2))
+    assert "embedding dense AdamW" in capsys.readouterr().out  # tied: the output layer's gradient is dense
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(files, tmp_path, monkeypatch):
     calls = {"n": 0}
     real = sft.micro_loss_sum
