@@ -98,7 +98,7 @@ def run_ours(kind: str, out: Path, steps: int, batch: int, seq_len: int) -> dict
 
     common = dict(tokenizer=str(out / "model"), seq_len=seq_len, micro_batch_size_per_rank=batch,
                   grad_accum_steps=1, max_steps=steps, precision="fp32", resume=False, overwrite_output_dir=True,
-                  lr=1e-5, output_dir=str(out / f"ours_{kind}"))
+                  lr=1e-5, output_dir=str(out / f"ours_{kind}"), report_to="none")  # as TRL's report_to=[]
     if kind == "sft":
         from align.sft import SFTConfig, train
 

@@ -36,6 +36,7 @@ WORDS = "apple banana cherry dog egg fish grape house ice jam kite lemon".split(
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("sft")
     (d / "tiny.json").write_text(json.dumps(TINY))
+    (d / "untied.json").write_text(json.dumps(TINY | {"tie_word_embeddings": False}))  # row-sparse embedding steps
     r = random.Random(0)
     with open(d / "sft.jsonl", "w") as f:
         for _ in range(24):
@@ -120,7 +121,6 @@ def test_untied_embedding_steps_row_sparse_like_dense_adamw_and_resumes(files, t
     from numerics import U32
     from safetensors.torch import load_file
 
-    (files / "untied.json").write_text(json.dumps(TINY | {"tie_word_embeddings": False}))
     untied = dict(init_config=str(files / "untied.json"), max_steps=4, grad_clip=0.1)
     capsys.readouterr()
     sparse = sft.train(make_config(files, tmp_path / "sparse", **untied))
@@ -178,10 +178,12 @@ def test_transformers_model_with_lora(files, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_ranks_equal_one_process(files, tmp_path):
-    """Same global mini batch (4 rows): 1 process x micro 2 x accum 2 vs 2 ranks x micro 1 x accum 2."""
+@pytest.mark.parametrize("config", ["tiny.json", "untied.json"])
+def test_two_ranks_equal_one_process(files, tmp_path, config):
+    """Same global mini batch (4 rows): 1 process x micro 2 x accum 2 vs 2 ranks x micro 1 x accum 2; untied: the
+    row-sparse embedding gradients go through DDP's all-reduce."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    args = ["--init_config", str(files / "tiny.json"), "--tokenizer", "small", "--train_files",
+    args = ["--init_config", str(files / config), "--tokenizer", "small", "--train_files",
             str(files / "sft.jsonl"), "--seq_len", "128", "--grad_accum_steps", "2", "--max_steps", "3",
             "--warmup_steps", "1", "--lr", "1e-3"]
     script = str(REPO / "align" / "sft.py")
