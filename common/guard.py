@@ -46,7 +46,7 @@ def optimizer_params(optimizer) -> list[torch.Tensor]:
 
 def stepped_tensors(optimizer) -> list[torch.Tensor]:
     """What the last optimizer step may have made non-finite: every parameter, except that a row-sparse one
-    (common.optim.RowSparseAdamW: the reward model's embedding) gives only the rows its last step updated. Its
+    (an input embedding under common.optim.RowSparseAdamW) gives only the rows its last step updated. Its
     other rows were only scaled by the decay factor 1 - lr wd, which the optimizer records only when |factor| <= 1,
     so a finite row stays finite. Checkpoints check every tensor whole (RunDir.check_weights(full=True))."""
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
